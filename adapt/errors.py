@@ -1,0 +1,95 @@
+"""User-facing errors and the skip report that every data step fills in.
+
+A user error (bad file, bad row, bad flag) is an `AdaptError`: the CLI prints its message, which
+names the file and row and says what to do, and exits with code 2, never with a traceback.
+A bad *row* in a dataset is usually not fatal: it is counted in a `Report` with its reason, unless
+the run is strict, in which case the first skip becomes an `AdaptError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class AdaptError(Exception):
+    """An error the user can fix; its text names the file/row and the fix."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, row: int | None = None,
+                 hint: str | None = None) -> None:
+        self.message, self.path, self.row, self.hint = message, path, row, hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = f"{self.path}:{self.row}: " if self.row is not None else f"{self.path}: "
+        text = f"{where}{self.message}"
+        return f"{text}\n  hint: {self.hint}" if self.hint else text
+
+
+@dataclass
+class Skip:
+    reason: str
+    path: str | None = None
+    row: int | None = None
+    id: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.row}" if self.row is not None else (self.path or "?")
+        ident = f" [{self.id}]" if self.id else ""
+        return f"{where}{ident}: {self.reason}"
+
+
+@dataclass
+class Report:
+    """Counts what a step read, wrote and skipped (with why), so no sample is lost silently."""
+
+    name: str = ""
+    strict: bool = False
+    read: int = 0
+    written: int = 0
+    skips: list[Skip] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def skip(self, reason: str, *, path: str | Path | None = None, row: int | None = None,
+             id: str | None = None) -> None:
+        """Record a skipped row; under `strict` this raises instead."""
+        if self.strict:
+            raise AdaptError(f"{reason}" + (f" (id {id})" if id else ""), path=path, row=row,
+                             hint="fix the row, or run without --strict to skip and count such rows")
+        self.skips.append(Skip(reason, str(path) if path is not None else None, row, id))
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skips)
+
+    def reasons(self) -> Counter:
+        """Skip counts per reason, with the variable part (paths, numbers) left in: short lists read best."""
+        return Counter(s.reason.split(":")[0] for s in self.skips)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "read": self.read, "written": self.written, "skipped": self.skipped,
+            "skip_reasons": dict(self.reasons()), "skips": [str(s) for s in self.skips[:1000]],
+            "stats": self.stats,
+        }
+
+    def merge(self, other: Report) -> None:
+        self.read += other.read
+        self.written += other.written
+        self.skips.extend(other.skips)
+
+    def summary(self) -> str:
+        line = f"{self.name or 'report'}: read {self.read}, wrote {self.written}, skipped {self.skipped}"
+        if self.skips:
+            line += " (" + ", ".join(f"{k}: {v}" for k, v in self.reasons().most_common(5)) + ")"
+        return line
+
+    def save(self, path: str | Path) -> None:
+        from adapt.fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))

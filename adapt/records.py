@@ -1,0 +1,231 @@
+"""The unified conversation record: InternVL's fine-tuning JSONL row plus our `meta`.
+
+    {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"], "video"?: "clip.mp4",
+     "conversations": [{"from": "system"?|"human"|"gpt", "value": "..."}, ...],
+     "meta": {"task": "vqa", "source": "vqa_rad", "domain": "medical", ...}}
+
+Formatters write records; nothing downstream reads a source format. Image paths are relative to a
+data root and are resolved inside it (see `adapt.fileio.resolve_inside`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapt.errors import AdaptError, Report
+from adapt.fileio import atomic_write, resolve_inside
+
+Record = dict[str, Any]
+
+TASKS = ("classification", "grounding", "region", "vqa", "driving", "caption", "video", "text")
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+ROLES = ("human", "gpt")
+
+
+def images_of(record: Record) -> list[str]:
+    """The record's image paths as a list ([] for text-only and video rows)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def normalize(record: Record) -> Record:
+    """Apply InternVL's convention: a single-image row without `<image>` gets `<image>\\n` in front of
+    the first human turn. Returns the same dict (mutated) for chaining."""
+    convs = record.get("conversations") or []
+    n_placeholders = sum(c.get("value", "").count(IMAGE_PLACEHOLDER) for c in convs if isinstance(c, dict))
+    if len(images_of(record)) == 1 and n_placeholders == 0:
+        for turn in convs:
+            if turn.get("from") == "human":
+                turn["value"] = f"{IMAGE_PLACEHOLDER}\n{turn['value']}"
+                break
+    if record.get("video") and not any(VIDEO_PLACEHOLDER in c.get("value", "") for c in convs):
+        for turn in convs:
+            if turn.get("from") == "human":
+                turn["value"] = f"{VIDEO_PLACEHOLDER}\n{turn['value']}"
+                break
+    return record
+
+
+def problems(record: Any, *, root: str | Path | None = None, check_files: bool = False,
+             require_answer: bool = True) -> list[str]:
+    """Everything wrong with a record, as short sentences (empty list = valid).
+
+    Checks: shape, roles (optional leading system turn, then human/gpt alternating, starting with
+    human and ending with gpt), no empty answer, `<image>` count == image count, `<video>` at most
+    once and only with a video, paths inside `root` (and existing when `check_files`).
+    """
+    if not isinstance(record, dict):
+        return ["row is not a JSON object"]
+    out: list[str] = []
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        return ["missing or empty 'conversations' list"]
+    turns = list(convs)
+    if isinstance(turns[0], dict) and turns[0].get("from") == "system":
+        turns = turns[1:]
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            out.append(f"turn {i} is not an object with a string 'value'")
+            continue
+        role = turn.get("from")
+        if role not in ROLES:
+            out.append(f"turn {i} has unknown role {role!r} (expected 'human' or 'gpt', or a first 'system')")
+        elif role != ROLES[i % 2]:
+            out.append(f"turn {i} is {role!r} but turns must alternate human/gpt starting with human")
+        elif role == "gpt" and not turn["value"].strip():
+            out.append(f"turn {i} is an empty answer")
+    if out:
+        return out
+    if require_answer and (not turns or turns[-1].get("from") != "gpt"):
+        out.append("the conversation does not end with a 'gpt' answer")
+    text = "".join(t["value"] for t in convs)
+    images = images_of(record)
+    if any(not isinstance(p, str) or not p for p in images):
+        out.append("'image' must be a non-empty string or a list of them")
+        return out
+    n_image = text.count(IMAGE_PLACEHOLDER)
+    if record.get("video"):
+        if images:
+            out.append("a row has either 'video' or 'image', not both")
+        if text.count(VIDEO_PLACEHOLDER) != 1:
+            out.append(f"a video row needs exactly one {VIDEO_PLACEHOLDER} placeholder, found {text.count(VIDEO_PLACEHOLDER)}")
+        if n_image:
+            out.append(f"a video row must not contain {IMAGE_PLACEHOLDER}")
+    else:
+        if VIDEO_PLACEHOLDER in text:
+            out.append(f"{VIDEO_PLACEHOLDER} placeholder without a 'video' field")
+        expected = len(images)
+        if n_image != expected and not (expected == 1 and n_image == 0):
+            out.append(f"{n_image} {IMAGE_PLACEHOLDER} placeholder(s) for {expected} image(s)")
+    if root is not None:
+        for rel in images + ([record["video"]] if record.get("video") else []):
+            try:
+                path = resolve_inside(root, rel)
+            except AdaptError as err:
+                out.append(err.message)
+                continue
+            if check_files and not path.is_file():
+                out.append(f"file not found: {rel}")
+    return out
+
+
+def validate(record: Any, **kwargs: Any) -> Record:
+    """Return the normalized record or raise `AdaptError` listing its problems."""
+    found = problems(record, **kwargs)
+    if found:
+        raise AdaptError("; ".join(found))
+    return normalize(record)
+
+
+def read_jsonl(path: str | Path, report: Report | None = None, *, root: str | Path | None = None,
+               check_files: bool = False, require_answer: bool = True) -> Iterator[tuple[int, Record]]:
+    """Stream (line_number, record) from a JSONL file, skipping and counting bad lines.
+
+    Lines that are not UTF-8, not JSON, or not a valid record go to `report` with their file:line
+    (or raise under a strict report). Blank lines are ignored.
+    """
+    path = Path(path)
+    report = report if report is not None else Report(name=str(path))
+    if not path.is_file():
+        raise AdaptError("annotation file not found", path=path, hint="check the path you passed")
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            report.read += 1
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                report.skip("line is not valid UTF-8", path=path, row=line_no)
+                continue
+            except json.JSONDecodeError as err:
+                report.skip(f"malformed JSON: {err.msg} at column {err.colno}", path=path, row=line_no)
+                continue
+            found = problems(record, root=root, check_files=check_files, require_answer=require_answer)
+            if found:
+                report.skip("invalid record: " + "; ".join(found), path=path, row=line_no,
+                            id=str(record.get("id")) if isinstance(record, dict) else None)
+                continue
+            yield line_no, normalize(record)
+
+
+def write_jsonl(path: str | Path, records: Iterable[Record]) -> int:
+    """Write records atomically (temp file + rename); returns the count written."""
+    count = 0
+    with atomic_write(path) as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+@dataclass
+class DatasetSpec:
+    """One entry of an InternVL meta file."""
+
+    name: str
+    root: str
+    annotation: str
+    repeat_time: float = 1.0
+    max_dynamic_patch: int | None = None
+    data_augment: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"root": self.root, "annotation": self.annotation,
+                               "data_augment": self.data_augment, "repeat_time": self.repeat_time}
+        if self.max_dynamic_patch is not None:
+            out["max_dynamic_patch"] = self.max_dynamic_patch
+        return out
+
+
+def read_meta(path: str | Path) -> list[DatasetSpec]:
+    """Read an InternVL meta file `{name: {root, annotation, repeat_time, max_dynamic_patch?}}`.
+
+    Relative roots and annotations are taken relative to the meta file's folder.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdaptError("meta file not found", path=path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdaptError(f"meta file is not valid JSON ({err})", path=path) from None
+    if not isinstance(raw, dict) or not raw:
+        raise AdaptError("meta file must be a non-empty JSON object {name: {root, annotation, ...}}", path=path)
+    specs = []
+    for name, entry in raw.items():
+        if not isinstance(entry, dict) or "annotation" not in entry:
+            raise AdaptError(f"entry {name!r} needs at least 'annotation' (and usually 'root')", path=path)
+        repeat = float(entry.get("repeat_time", 1))
+        if repeat <= 0:
+            raise AdaptError(f"entry {name!r} has repeat_time {repeat}; it must be > 0", path=path)
+        base = path.parent
+        specs.append(DatasetSpec(
+            name=name, root=str(base / entry.get("root", ".")), annotation=str(base / entry["annotation"]),
+            repeat_time=repeat, max_dynamic_patch=entry.get("max_dynamic_patch"),
+            data_augment=bool(entry.get("data_augment", False))))
+    return specs
+
+
+def write_meta(path: str | Path, specs: Iterable[DatasetSpec]) -> None:
+    with atomic_write(path) as handle:
+        json.dump({s.name: s.to_dict() for s in specs}, handle, indent=2, ensure_ascii=False)
+
+
+def apply_repeat(records: list[Record], repeat_time: float, seed: int) -> list[Record]:
+    """Repeat a dataset `repeat_time` times: the integer part whole, the fraction as a seeded random
+    subset. (The official loader keeps the *first* N*r lines for r < 1, which biases towards
+    whatever the file happens to start with; we sample instead.)"""
+    whole, frac = int(repeat_time), repeat_time - int(repeat_time)
+    out = records * whole
+    if frac > 0:
+        out += random.Random(seed).sample(records, round(len(records) * frac))
+    return out
