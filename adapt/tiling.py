@@ -103,8 +103,9 @@ def _jpeg_roundtrip(tile_chw: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB")).transpose(2, 0, 1)
 
 
-def tile_image(image: Image.Image, policy: TilingPolicy = TilingPolicy(), rng: random.Random | None = None) -> np.ndarray:
+def tile_image(image: Image.Image, policy: TilingPolicy | None = None, rng: random.Random | None = None) -> np.ndarray:
     """Cut one RGB image into InternVL tiles: uint8 array (N, 3, 448, 448), thumbnail last."""
+    policy = policy or TilingPolicy()
     width, height = image.size
     cols, rows = choose_grid(width, height, policy.min_tiles, policy.max_tiles)
     target = (TILE * cols, TILE * rows)

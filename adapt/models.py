@@ -1,0 +1,188 @@
+"""Load an HF-native InternVL (`InternVLForConditionalGeneration`) with its tokenizer and template.
+
+`load("tiny")` and the `mini-internvl2-{1b,2b,4b}` presets need no download: random weights with the
+real geometry (448 tiles, patch 14, pixel unshuffle 0.5 -> 256 tokens per tile) and the offline
+tokenizer in `adapt/assets/tiny-tokenizer`, which carries the real special tokens. Anything else is
+a local directory or hub id in the native layout; original OpenGVLab checkpoints are refused with a
+pointer to `adapt convert`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
+
+from adapt.errors import AdaptError
+from adapt.templates import IMG_CONTEXT, TEMPLATES
+
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny-tokenizer"
+
+INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                      attention_bias=True, layer_norm_eps=1e-6, norm_type="layer_norm", use_qk_norm=False,
+                      image_size=448, patch_size=14, hidden_act="gelu")
+
+# Text backbones of the Mini-InternVL family, with the shapes of their released configs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        template="internvl2_5",
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    attention_bias=True, image_size=448, patch_size=14),
+        text=dict(model_type="qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1_000_000.0, tie_word_embeddings=True),
+    ),
+    "mini-internvl2-1b": dict(  # InternVL2-1B: InternViT-300M + Qwen2-0.5B-Instruct
+        template="Hermes-2", vision=INTERNVIT_300M,
+        text=dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151655, max_position_embeddings=32768,
+                  rope_theta=1_000_000.0, tie_word_embeddings=False),
+    ),
+    "mini-internvl2-2b": dict(  # InternVL2-2B: InternViT-300M + InternLM2-chat-1.8B (as Llama)
+        template="internlm2-chat", vision=INTERNVIT_300M,
+        text=dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                  num_attention_heads=16, num_key_value_heads=8, vocab_size=92553, max_position_embeddings=32768,
+                  rope_theta=1_000_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    ),
+    "mini-internvl2-4b": dict(  # InternVL2-4B: InternViT-300M + Phi-3-mini-128k
+        template="phi3-chat", vision=INTERNVIT_300M,
+        text=dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32020, max_position_embeddings=131072,
+                  rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    ),
+}
+
+
+@dataclass
+class Loaded:
+    model: InternVLForConditionalGeneration
+    tokenizer: Any
+    template: str
+    source: str  # preset name or path
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return int(self.model.config.image_seq_length)
+
+
+def tiny_tokenizer():
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+
+
+def preset_config(name: str, tokenizer=None) -> InternVLConfig:
+    """The InternVLConfig of a preset (random init happens in `load`)."""
+    spec = PRESETS[name]
+    tokenizer = tokenizer or tiny_tokenizer()
+    text = dict(spec["text"])
+    text.setdefault("vocab_size", -(-len(tokenizer) // 64) * 64)  # padded like real checkpoints
+    text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    tie = text["tie_word_embeddings"]
+    config = InternVLConfig(
+        vision_config=dict(spec["vision"], model_type="internvl_vision"), text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), image_seq_length=256,
+        downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy="default", tie_word_embeddings=tie, template=spec["template"],
+    )
+    check_geometry(config)
+    return config
+
+
+def check_geometry(config: InternVLConfig) -> None:
+    """image_seq_length must equal (image/patch)^2 * ratio^2 and the patch grid side be even."""
+    image = config.vision_config.image_size[0]
+    patch = config.vision_config.patch_size[0]
+    side = image // patch
+    expected = int(side * side * config.downsample_ratio ** 2)
+    if side % 2 or expected != config.image_seq_length:
+        raise AdaptError(f"inconsistent vision geometry: {image}px / patch {patch} with downsample "
+                         f"{config.downsample_ratio} gives {expected} tokens per tile, config says "
+                         f"{config.image_seq_length}", hint="fix image_seq_length in config.json")
+
+
+def detect_template(config: Any, tokenizer: Any) -> str:
+    """The chat template of a checkpoint: `config.template` if present (original and converted
+    checkpoints carry it), else from the tokenizer's chat template and the text backbone."""
+    name = getattr(config, "template", None)
+    if name in TEMPLATES:
+        return name
+    text_type = getattr(getattr(config, "text_config", None), "model_type", "")
+    chat = getattr(tokenizer, "chat_template", None) or ""
+    if "<|user|>" in chat or text_type == "phi3":
+        return "phi3-chat"
+    if text_type in ("internlm2", "llama") and getattr(tokenizer, "bos_token", None) == "<s>":
+        return "internlm2-chat"
+    if "<|im_end|>\\n" in chat or "<|im_end|>\n" in chat or text_type == "qwen2":
+        return "internvl2_5"
+    return "Hermes-2"
+
+
+def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_implementation: str | None = "sdpa",
+         trust_remote_code: bool = False, seed: int = 0) -> Loaded:
+    """Load a preset (random init, seeded) or a native checkpoint directory / hub id."""
+    if name_or_path in PRESETS:
+        tokenizer = tiny_tokenizer()
+        config = preset_config(name_or_path, tokenizer)
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config)
+        model.config._attn_implementation = attn_implementation or "sdpa"
+        for sub in (model.config.text_config, model.config.vision_config):
+            sub._attn_implementation = attn_implementation or "sdpa"
+        if dtype is not None:
+            model = model.to(_dtype(dtype))
+        return Loaded(model, tokenizer, PRESETS[name_or_path]["template"], name_or_path)
+    path = Path(name_or_path)
+    if path.exists():
+        _check_native_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise AdaptError(f"cannot load a tokenizer from {name_or_path} ({str(err).splitlines()[0]})",
+                         path=name_or_path, hint="the model folder needs its tokenizer files "
+                         "(tokenizer.json / tokenizer_config.json); copy them from the base model") from None
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = _dtype(dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = InternVLForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise AdaptError(f"cannot load model weights from {name_or_path} ({str(err).splitlines()[0]})",
+                         path=name_or_path, hint="pass a local model folder or a hub id available offline") from None
+    check_geometry(model.config)
+    return Loaded(model, tokenizer, detect_template(model.config, tokenizer), str(name_or_path))
+
+
+def _check_native_dir(path: Path) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise AdaptError("no config.json in the model folder", path=path,
+                         hint="point --model at a folder written by save_pretrained / adapt export")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") == "internvl_chat" or "llm_config" in config:
+        raise AdaptError("this is an original OpenGVLab (remote-code) InternVL checkpoint", path=path,
+                         hint=f"convert it first: adapt convert {path} {path}-hf ; then use --model {path}-hf")
+    if config.get("model_type") != "internvl":
+        raise AdaptError(f"model_type {config.get('model_type')!r} is not an InternVL checkpoint", path=path)
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise AdaptError(f"unknown dtype {dtype!r}", hint="use bf16, fp16 or fp32")
+    return table[dtype]
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,163 @@
+"""Record -> Sample: images to uint8 tiles, conversation to token ids and labels.
+
+One function (`SampleBuilder.build`) serves training, evaluation and the inspect notebook, so what
+the model is evaluated on is built exactly like what it was trained on.
+
+`SampleBuilder.plan` measures a record's exact length from image headers alone (no decode), so
+over-long samples are dropped and counted before training, and packing knows every length.
+Truncation never cuts inside an image span: such a sample is dropped with its id in the report.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from adapt.errors import AdaptError, Report
+from adapt.fileio import resolve_inside
+from adapt.records import Record, images_of
+from adapt.templates import IGNORE_INDEX, Encoded, Encoder
+from adapt.tiling import TilingPolicy, count_tiles, decode_rgb, single_tile, tile_image
+
+DEFAULT_VIDEO_FRAMES = 8
+
+
+@dataclass
+class Sample:
+    """What the collator consumes. `tiles` is uint8 (N, 3, 448, 448); `labels` aligned with ids."""
+
+    id: str
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    tiles: torch.Tensor | None
+    tiles_per_image: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_supervised(self) -> int:
+        return int((self.labels[1:] != IGNORE_INDEX).sum())
+
+
+class SampleDropped(Exception):
+    """A record that cannot become a training sample (too long, no supervised token, bad image)."""
+
+
+@dataclass
+class Planned:
+    """A record's exact shape before any image is decoded."""
+
+    length: int
+    tiles: int
+    supervised: int
+
+
+class SampleBuilder:
+    """Builds samples for one tokenizer/template/tiling policy."""
+
+    def __init__(self, encoder: Encoder, policy: TilingPolicy | None = None, *, max_length: int = 8192,
+                 video_frames: int = DEFAULT_VIDEO_FRAMES, train: bool = True, seed: int = 0) -> None:
+        self.encoder, self.policy, self.max_length = encoder, policy or TilingPolicy(), max_length
+        self.video_frames, self.train, self.seed = video_frames, train, seed
+
+    # -- shapes --------------------------------------------------------------------------------
+    def policy_for(self, record: Record) -> TilingPolicy:
+        max_tiles = record.get("meta", {}).get("max_tiles") or self.policy.max_tiles
+        base = TilingPolicy(self.policy.min_tiles, int(max_tiles), self.policy.thumbnail,
+                            self.policy.jpeg_augment and self.train)
+        return base.for_images(len(images_of(record)))
+
+    def frames_of(self, record: Record) -> int:
+        return int(record.get("meta", {}).get("num_frames") or self.video_frames)
+
+    def tiles_from_headers(self, record: Record, root: str | Path) -> list[int]:
+        if record.get("video"):
+            return [1] * self.frames_of(record)
+        policy = self.policy_for(record)
+        out = []
+        for rel in images_of(record):
+            with Image.open(resolve_inside(root, rel)) as image:
+                out.append(count_tiles(*image.size, policy.min_tiles, policy.max_tiles, policy.thumbnail))
+        return out
+
+    def plan(self, record: Record, root: str | Path) -> Planned:
+        """Exact length, tiles and supervised tokens; raises SampleDropped for unusable records."""
+        try:
+            tiles = self.tiles_from_headers(record, root)
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+            raise SampleDropped(f"unreadable image ({err})") from None
+        except AdaptError as err:
+            raise SampleDropped(err.message) from None
+        encoded = self._fit(self.encoder.encode(record, tiles), record)
+        return Planned(len(encoded), sum(tiles), sum(1 for v in encoded.labels[1:] if v != IGNORE_INDEX))
+
+    def _fit(self, encoded: Encoded, record: Record) -> Encoded:
+        """Truncate to max_length, unless that would cut an image span or leave nothing to learn."""
+        limit = self.max_length
+        if len(encoded) > limit:
+            cut = [i for i, (start, end) in enumerate(encoded.image_spans) if end > limit]
+            if cut:
+                raise SampleDropped(f"{len(encoded)} tokens exceed max_length {limit} and the cut would fall inside "
+                                    f"image {cut[0] + 1}'s tokens (raise --max-length or lower --max-tiles)")
+            encoded = Encoded(encoded.input_ids[:limit], encoded.labels[:limit], encoded.image_spans)
+        if self.train and all(v == IGNORE_INDEX for v in encoded.labels[1:]):
+            raise SampleDropped("no supervised token left" + (" after truncation" if len(encoded) == limit else ""))
+        return encoded
+
+    # -- pixels --------------------------------------------------------------------------------
+    def load_tiles(self, record: Record, root: str | Path, rng: random.Random) -> tuple[np.ndarray | None, list[int]]:
+        if record.get("video"):
+            from adapt.video import read_video_frames
+
+            frames = read_video_frames(resolve_inside(root, record["video"]), self.frames_of(record),
+                                       random_offset=self.train, seed=rng.randrange(2**31))
+            return np.concatenate([single_tile(f) for f in frames]), [1] * len(frames)
+        paths = images_of(record)
+        if not paths:
+            return None, []
+        policy = self.policy_for(record)
+        arrays = [tile_image(decode_rgb(str(resolve_inside(root, rel))), policy, rng) for rel in paths]
+        return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), [len(a) for a in arrays]
+
+    def build(self, record: Record, root: str | Path, *, index: int = 0, epoch: int = 0,
+              generation: bool = False) -> Sample:
+        """The sample for `record` (images resolved inside `root`). Augmentation is seeded by
+        (seed, epoch, index), so a resumed run sees the same pixels as an uninterrupted one."""
+        rng = random.Random(hash((self.seed, epoch, index)) & 0xFFFFFFFF)
+        try:
+            tiles, tiles_per_image = self.load_tiles(record, root, rng)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise SampleDropped(f"unreadable image or video ({err})") from None
+        except AdaptError as err:
+            raise SampleDropped(err.message) from None
+        encoded = self.encoder.encode(record, tiles_per_image, generation=generation)
+        if not generation:
+            encoded = self._fit(encoded, record)
+        return Sample(
+            id=str(record.get("id", index)),
+            input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),
+            labels=torch.tensor(encoded.labels, dtype=torch.long),
+            tiles=torch.from_numpy(tiles) if tiles is not None else None,
+            tiles_per_image=tiles_per_image,
+            meta=record.get("meta", {}),
+        )
+
+
+def plan_all(builder: SampleBuilder, entries: list[tuple[Record, str]], report: Report) -> list[Planned | None]:
+    """Plan every (record, root); dropped ones become None and are counted in `report` with their id."""
+    out: list[Planned | None] = []
+    for i, (record, root) in enumerate(entries):
+        try:
+            out.append(builder.plan(record, root))
+        except SampleDropped as err:
+            report.skip(f"dropped: {err}", path=record.get("meta", {}).get("source"), row=i, id=str(record.get("id")))
+            out.append(None)
+    return out
