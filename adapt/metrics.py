@@ -11,6 +11,7 @@ and each dict carries the counts it was computed over.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import string
 from collections import Counter
@@ -87,17 +88,19 @@ def _mean(values: Sequence[float]) -> float | None:
 
 # ----------------------------------------------------------------------------- classification
 
-_CHOICE = re.compile(r"^\s*(?:\(([A-Za-z])\)|([A-Za-z])[.):])\s*(.*)$", re.S)
+_CHOICE = re.compile(r"^\s*(?:\(([A-Z])\)\s*|([A-Z])[.):]\s+)(.*)$", re.S)
 _LEADING_LETTER = re.compile(r"^\s*(?:\(([A-Za-z])\)|([A-Za-z])(?:[.):]|\s*$))")
-_ANSWER_LETTER = re.compile(r"\b(?:answer|option|choice)\s*(?:is)?\s*:?\s*\(?([A-Z])\)?(?![\w])", re.I)
+# "The answer is B": the letter must be a capital, so "the answer is a forest" names no letter.
+_ANSWER_LETTER = re.compile(r"\b(?i:answer|option|choice)\s*(?i:is)?\s*:?\s*\(?([A-Z])\)?(?!\w)")
 
 
-def _split_choice(choice: str) -> tuple[str | None, str]:
-    """'B. forest' / '(B) forest' / 'B) forest' -> ('B', 'forest'); 'forest' -> (None, 'forest')."""
-    m = _CHOICE.match(choice)
-    if m and m.group(3).strip():
-        return (m.group(1) or m.group(2)).upper(), m.group(3).strip()
-    return None, choice.strip()
+def _split_choices(choices: Sequence[str]) -> tuple[list[str | None], list[str]]:
+    """['A. forest', 'B. river'] -> (['A', 'B'], ['forest', 'river']); choices count as lettered only when
+    all of them are, so a label that merely starts like "U. S." is not cut."""
+    matches = [_CHOICE.match(c) for c in choices]
+    if choices and all(m and m.group(3).strip() for m in matches):
+        return [m.group(1) or m.group(2) for m in matches], [m.group(3).strip() for m in matches]  # type: ignore[union-attr]
+    return [None] * len(choices), [c.strip() for c in choices]
 
 
 def _named_labels(text: str, labels: Sequence[str]) -> set[int]:
@@ -144,16 +147,16 @@ def _named_choices(prediction: str, letters: Sequence[str | None], labels: Seque
 
 
 def _answer_index(answer: str, letters: Sequence[str | None], labels: Sequence[str], row: int) -> int:
+    """The choice a reference answer means: its letter ("B", "B.", "(B)", "B. forest") or its label."""
+    bare = answer.strip().strip(".():").strip().upper()
+    if bare in letters:
+        return letters.index(bare)
+    lettered = _CHOICE.match(answer)
+    if lettered and (lettered.group(1) or lettered.group(2)) in letters:
+        return letters.index(lettered.group(1) or lettered.group(2))
     normalized = normalize_answer(answer)
-    answer_letter, answer_label = _split_choice(answer)
-    whole_letter = answer.strip().strip(".():").upper()
-    for index, (letter, label) in enumerate(zip(letters, labels)):
-        if letter is not None and whole_letter == letter:
-            return index
-        if letter is not None and answer_letter == letter and normalize_answer(answer_label) == normalize_answer(label):
-            return index
     for index, label in enumerate(labels):
-        if normalize_answer(label) == normalized or (answer_letter and normalize_answer(label) == normalize_answer(answer_label)):
+        if normalize_answer(label) == normalized:
             return index
     raise AdaptError(f"answer {answer!r} of sample {row} is not one of its choices {list(labels)}", row=row,
                      hint="the reference answer must be a choice label or its letter")
@@ -179,9 +182,7 @@ def classification_accuracy(predictions: Sequence[str], answers: Sequence[str],
     correct = none_named = multiple = 0
     for row, (prediction, answer) in enumerate(zip(predictions, answers)):
         options = shared if per_sample is None else list(per_sample[row])
-        split = [_split_choice(c) for c in options]  # type: ignore[union-attr]
-        letters = [letter for letter, _ in split]
-        labels = [label for _, label in split]
+        letters, labels = _split_choices(options)  # type: ignore[arg-type]
         named = _named_choices(prediction, letters, labels)
         if not named:
             none_named += 1
@@ -240,7 +241,7 @@ def _reference_boxes(reference: Any, row: int) -> list[list[float]]:
     """A ground truth given as one box, a list of boxes, or an answer text with <box> tags."""
     if isinstance(reference, str):
         boxes = parse_boxes(reference)
-    elif len(reference) == 4 and all(isinstance(v, (int, float)) for v in reference):
+    elif len(reference) == 4 and all(isinstance(v, numbers.Real) for v in reference):
         boxes = [[float(v) for v in reference]]
     else:
         boxes = [[float(v) for v in box] for box in reference]
@@ -307,7 +308,8 @@ _PTB_TOKEN = re.compile(
     r"\.\.\.|--"
     r"|(?:[^\W\d_]\.){2,}"                   # e.g. u.s.
     rf"|{_ABBREVIATIONS}"
-    r"|(?:(?<!\w)-)?[,.]?\d+(?:[.,:/]\d+)*(?!\w)"  # 10.5, 1,000, 10:30, and ",1088.3,497.5" after a tag comma
+    r"|(?:(?<!\w)-)?[,.]?\d+(?:[.,:/]\d+)+"  # 10.5 (also "10.5km" -> 10.5 km), 1,000, 10:30, ",1088.3,497.5"
+    r"|(?:(?<!\w)-)?[,.]?\d+(?!\w)"         # 42, -5, ",5"; "1st" and "10km" stay words
     r"|n't|'(?:s|ll|re|ve|m|d)(?!\w)"
     r"|\w+(?:[-/.]\w+)*"                     # words, left-turn, m/s
     r"|\S")

@@ -23,7 +23,7 @@ from adapt.errors import AdaptError, Report
 from adapt.fileio import resolve_inside
 from adapt.records import Record, images_of
 from adapt.templates import IGNORE_INDEX, Encoded, Encoder
-from adapt.tiling import TilingPolicy, count_tiles, decode_rgb, single_tile, tile_image
+from adapt.tiling import TilingPolicy, count_tiles, decode_array, single_tile, tile_image
 
 DEFAULT_VIDEO_FRAMES = 8
 
@@ -64,8 +64,10 @@ class SampleBuilder:
     """Builds samples for one tokenizer/template/tiling policy."""
 
     def __init__(self, encoder: Encoder, policy: TilingPolicy | None = None, *, max_length: int = 8192,
-                 video_frames: int = DEFAULT_VIDEO_FRAMES, train: bool = True, seed: int = 0) -> None:
+                 video_frames: int = DEFAULT_VIDEO_FRAMES, train: bool = True, seed: int = 0,
+                 resample: str = "torch") -> None:
         self.encoder, self.policy, self.max_length = encoder, policy or TilingPolicy(), max_length
+        self.resample = resample
         self.video_frames, self.train, self.seed = video_frames, train, seed
 
     # -- shapes --------------------------------------------------------------------------------
@@ -119,12 +121,12 @@ class SampleBuilder:
 
             frames = read_video_frames(resolve_inside(root, record["video"]), self.frames_of(record),
                                        random_offset=self.train, seed=rng.randrange(2**31))
-            return np.concatenate([single_tile(f) for f in frames]), [1] * len(frames)
+            return np.concatenate([single_tile(f, self.resample) for f in frames]), [1] * len(frames)
         paths = images_of(record)
         if not paths:
             return None, []
         policy = self.policy_for(record)
-        arrays = [tile_image(decode_rgb(str(resolve_inside(root, rel))), policy, rng) for rel in paths]
+        arrays = [tile_image(decode_array(resolve_inside(root, rel)), policy, rng, self.resample) for rel in paths]
         return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), [len(a) for a in arrays]
 
     def build(self, record: Record, root: str | Path, *, index: int = 0, epoch: int = 0,
