@@ -1,0 +1,451 @@
+"""Fine-tuning on the HF Trainer: tuning modes, packed batches, the InternVL loss, safe checkpoints.
+
+The Trainer (with accelerate underneath) owns the loop, optimizer, scheduler, mixed precision,
+DDP / FSDP / DeepSpeed, logging and checkpoint/resume; this module adds what it does not know:
+  * tuning modes: full, partial presets (mlp, mlp+llm, vit-last-N) or patterns, LoRA (peft);
+  * a rank-aware batch sampler over packed rows: every sample once per epoch across all ranks,
+    the same order for the same seed, and the same batches after a resume;
+  * uint8 tiles normalised on the device, logits computed only where a label is supervised
+    (the vocabulary projection of 3k image tokens is the largest tensor of a step otherwise);
+  * the token / sample / square loss reduction normalised over the whole optimizer step;
+  * a divergence guard and checkpoints that count only once completely written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from adapt.batching import Collator, pack_bins
+from adapt.errors import AdaptError, Report
+from adapt.fileio import atomic_write_text
+from adapt.models import Loaded, count_parameters
+from adapt.records import Record
+from adapt.samples import SampleBuilder, SampleDropped, plan_all
+from adapt.templates import IGNORE_INDEX, Encoder
+from adapt.tiling import TilingPolicy, normalize
+
+MODES = ("full", "partial", "lora")
+PARTIAL_PRESETS = ("mlp", "mlp+llm", "vit-last-N")
+LLM_LORA_TARGETS = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj"
+                    r"|gate_up_proj)")
+VISION_LORA_TARGETS = r".*vision_tower.*\.(q_proj|k_proj|v_proj|projection_layer|fc1|fc2)"
+COMPLETE_MARKER = "adapt-complete.json"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (the Mini-InternVL recipe by default); saved with the run."""
+
+    mode: str = "full"
+    partial: str | None = None  # mlp | mlp+llm | vit-last-N (e.g. vit-last-4)
+    trainable: list[str] = field(default_factory=list)  # explicit regexes over parameter names (partial)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str | None = None  # regex; default: the LLM's attention and MLP projections
+    lora_vision: bool = False
+    lora_train_projector: bool = True
+    qlora: bool = False
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.01
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 1  # samples per micro-batch when not packing
+    pack: bool = True
+    pack_tokens: int = 16384
+    pack_tiles: int = 48
+    grad_accum: int = 1
+    loss_reduction: str = "square"
+    max_length: int = 8192
+    max_tiles: int = 12
+    min_tiles: int = 1
+    jpeg_augment: bool = False
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    seed: int = 0
+    workers: int = 2
+    on_nan: str = "stop"  # stop | skip
+    system: str | None = None
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdaptError(f"unknown training option(s): {', '.join(unknown)}",
+                             hint="see adapt.training.TrainConfig for the accepted keys")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise AdaptError(f"unknown training mode {self.mode!r}", hint=f"choose one of: {', '.join(MODES)}")
+        if self.mode == "partial" and not (self.partial or self.trainable):
+            raise AdaptError("partial training needs a preset (--partial mlp | mlp+llm | vit-last-N) or patterns")
+        if self.partial and not re.fullmatch(r"mlp|mlp\+llm|vit-last-\d+", self.partial):
+            raise AdaptError(f"unknown partial preset {self.partial!r}", hint="use mlp, mlp+llm or vit-last-N (N a number)")
+        if self.loss_reduction not in ("token", "sample", "square"):
+            raise AdaptError(f"unknown loss reduction {self.loss_reduction!r}", hint="use token, sample or square")
+        if self.on_nan not in ("stop", "skip"):
+            raise AdaptError(f"unknown on_nan policy {self.on_nan!r}", hint="use stop or skip")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise AdaptError(f"unknown precision {self.precision!r}", hint="use auto, bf16, fp16 or fp32")
+
+
+# ----------------------------------------------------------------------------------------------
+# tuning modes
+# ----------------------------------------------------------------------------------------------
+def partial_patterns(preset: str, n_vision_layers: int) -> list[str]:
+    """Regexes of trainable parameter names for a partial preset."""
+    projector = r"model\.multi_modal_projector\..*"
+    llm = [r"model\.language_model\..*", r"lm_head\..*"]
+    if preset == "mlp":
+        return [projector]
+    if preset == "mlp+llm":
+        return [projector, *llm]
+    last = int(preset.rsplit("-", 1)[1])
+    if not 0 < last <= n_vision_layers:
+        raise AdaptError(f"vit-last-{last}: the vision tower has {n_vision_layers} layers")
+    layers = "|".join(str(i) for i in range(n_vision_layers - last, n_vision_layers))
+    return [projector, *llm, rf"model\.vision_tower\.encoder\.layer\.({layers})\..*"]
+
+
+def apply_tuning_mode(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """Freeze/unfreeze or wrap with LoRA according to `config`; returns the model to train."""
+    config.validate()
+    if config.mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if config.mode == "partial":
+        patterns = list(config.trainable)
+        if config.partial:
+            patterns += partial_patterns(config.partial, model.config.vision_config.num_hidden_layers)
+        compiled = [re.compile(p) for p in patterns]
+        matched = 0
+        for name, p in model.named_parameters():
+            train = any(c.fullmatch(name) for c in compiled)
+            p.requires_grad_(train)
+            matched += train
+        if not matched:
+            raise AdaptError(f"no parameter matches the trainable patterns {patterns}",
+                             hint="patterns are full-match regexes over names like model.language_model.layers.0.mlp.up_proj.weight")
+        return model
+    if config.qlora and not torch.cuda.is_available():
+        raise AdaptError("QLoRA needs a CUDA GPU and bitsandbytes", hint="use --mode lora on this machine")
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_targets or LLM_LORA_TARGETS
+    if config.lora_vision:
+        targets = f"({targets})|({VISION_LORA_TARGETS})"
+    if not any(re.fullmatch(targets, n) for n, _ in model.named_modules()):
+        raise AdaptError(f"no module matches the LoRA targets {targets!r}",
+                         hint="targets are a full-match regex over module names, e.g. .*language_model.*\\.q_proj")
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets,
+                      modules_to_save=["multi_modal_projector"] if config.lora_train_projector else None)
+    peft_model = get_peft_model(model, lora)
+    if config.gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def describe_trainable(model: torch.nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+class MixtureDataset(Dataset):
+    """Builds samples on demand (in dataloader workers). Items are (index, epoch, is_padding):
+    the epoch seeds augmentation, so a resumed run sees the same pixels; padding items (only to
+    even out the last step across ranks) carry no supervised token."""
+
+    def __init__(self, entries: Sequence[tuple[Record, str]], builder: SampleBuilder) -> None:
+        self.entries, self.builder = list(entries), builder
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, item: tuple[int, int, bool]):
+        index, epoch, padding = item
+        record, root = self.entries[index]
+        try:
+            sample = self.builder.build(record, root, index=index, epoch=epoch)
+        except SampleDropped:
+            return None  # already planned once; a file that broke since then must not stop the run
+        if padding:
+            sample.labels.fill_(IGNORE_INDEX)
+        return sample
+
+
+class RankBatchSampler(Sampler):
+    """Seeded batches (packed rows or fixed-size groups), this rank's share only.
+
+    The rows are fixed once (packing is seeded), and each epoch shuffles their order with
+    seed + epoch, so every epoch has the same number of steps (the Trainer relies on it) and
+    every sample appears exactly once per epoch across ranks. When the row count does not divide
+    by the number of ranks, the last rows are re-split so that each rank gets one; if fewer samples
+    than ranks remain, the missing ones are zero-weight padding.
+    """
+
+    def __init__(self, lengths: Sequence[int], tiles: Sequence[int], *, pack: bool, batch_size: int,
+                 max_tokens: int, max_tiles: int, seed: int, world_size: int = 1, rank: int = 0) -> None:
+        self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, 0
+        if pack:
+            rows = pack_bins(lengths, tiles, max_tokens=max_tokens, max_tiles=max_tiles, seed=seed)
+        else:
+            order = list(range(len(lengths)))
+            random.Random(seed).shuffle(order)
+            rows = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        self.rows = self._even_out(rows)
+
+    def _even_out(self, rows: list[list[int]]) -> list[list[tuple[int, bool]]]:
+        world = self.world_size
+        tail = len(rows) % world
+        out = [[(i, False) for i in row] for row in rows[: len(rows) - tail]]
+        if tail:
+            left = [i for row in rows[len(rows) - tail:] for i in row]
+            split = [[(i, False) for i in left[r::world]] for r in range(world)]
+            for part in split:
+                if not part:
+                    part.append((left[0], True))
+            out += split
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rounds(self) -> list[int]:
+        """Row order of this epoch, shuffled by rounds of `world_size` rows so the evened-out last
+        round stays together."""
+        n_rounds = len(self.rows) // self.world_size
+        order = list(range(n_rounds))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return [r * self.world_size + self.rank for r in order]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
+        for row in self._rounds():
+            yield [(i, self.epoch, pad) for i, pad in self.rows[row]]
+
+    def __len__(self) -> int:
+        return len(self.rows) // self.world_size
+
+
+# ----------------------------------------------------------------------------------------------
+# trainer
+# ----------------------------------------------------------------------------------------------
+class DivergenceError(AdaptError):
+    pass
+
+
+def supervised_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], denominator: torch.Tensor | None,
+                    ) -> torch.Tensor:
+    """sum(w * CE) / denominator, with logits computed only at positions that predict a label."""
+    labels, weights = batch["labels"], batch["loss_weights"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = weights[:, 1:] > 0
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "pixel_values" in batch:
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        inputs["pixel_values"] = normalize(batch["pixel_values"], dtype)
+    if not keep.any():  # nothing supervised (padding item): keep the graph, contribute zero
+        out = model(**inputs, use_cache=False, logits_to_keep=1)
+        return out.logits.sum() * 0.0
+    out = model(**inputs, use_cache=False, logits_to_keep=keep)
+    logits = out.logits.float().reshape(-1, out.logits.shape[-1])
+    targets = labels[:, 1:][keep[:, :-1]]
+    w = weights[:, 1:][keep[:, :-1]].to(logits.dtype)
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    total = (ce * w).sum()
+    return total / (w.sum() if denominator is None else denominator)
+
+
+class AdaptTrainer(Trainer):
+    """HF Trainer with adapt's sampler, loss and divergence guard."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, batch_sampler_factory=None, on_nan: str = "stop", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_sampler_factory, self.on_nan = batch_sampler_factory, on_nan
+        self.skipped_steps = 0
+
+    def get_train_dataloader(self) -> DataLoader:
+        sampler = self.batch_sampler_factory(self.args.world_size, self.args.process_index)
+        workers = self.args.dataloader_num_workers
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=workers, pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+                            persistent_workers=False, prefetch_factor=4 if workers else None)
+        prepared = self.accelerator.prepare(loader)
+        shard = getattr(prepared, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+            shard.num_processes, shard.process_index = 1, 0  # our sampler already shards by rank
+        return prepared
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """The loss denominator of one optimizer step: sum of loss weights over micro-batches and ranks."""
+        if not batch_samples:
+            return None
+        total = sum(b["loss_weights"][:, 1:].sum() for b in batch_samples).to(device)
+        if self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        inputs.pop("sample_index", None)
+        loss = supervised_loss(model, inputs, num_items_in_batch)
+        if self.args.world_size > 1 and num_items_in_batch is not None:
+            loss = loss * self.args.world_size  # DDP averages gradients; the denominator is already global
+        if not torch.isfinite(loss):
+            if self.on_nan == "skip":
+                self.skipped_steps += 1
+                return loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+            raise DivergenceError(
+                f"loss became {loss.item()} at step {self.state.global_step}; training stopped and the last good "
+                f"checkpoint is kept in {self.args.output_dir}",
+                hint="lower the learning rate, check the data, resume with --resume, or set on_nan: skip")
+        return (loss, None) if return_outputs else loss
+
+
+class CompletedCheckpoints(TrainerCallback):
+    """Marks a checkpoint complete only after the Trainer finished writing all of it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                for path in folder.rglob("*"):
+                    if path.is_file():
+                        with open(path, "rb") as handle:
+                            os.fsync(handle.fileno())
+                atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
+        return control
+
+
+def last_complete_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint carrying the completion marker; half-written ones are set aside."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if not match or not path.is_dir():
+            continue
+        if (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+        else:
+            aside = path.with_name(f".incomplete-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+    return max(found)[1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipe
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    steps: int
+    samples: int
+    dropped: Report
+    log_history: list[dict[str, Any]]
+    trainable: str
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise AdaptError(f"{precision} training needs a GPU here", hint="use --precision fp32 (or auto) on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def make_builder(loaded: Loaded, config: TrainConfig, *, train: bool = True) -> SampleBuilder:
+    encoder = Encoder(loaded.tokenizer, loaded.template, tokens_per_tile=loaded.tokens_per_tile, system=config.system)
+    policy = TilingPolicy(config.min_tiles, config.max_tiles, True, config.jpeg_augment)
+    return SampleBuilder(encoder, policy, max_length=config.max_length, train=train, seed=config.seed)
+
+
+def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainConfig, output_dir: str | Path, *,
+          resume: bool = False, logging_dir: str | Path | None = None, callbacks: Sequence[TrainerCallback] = (),
+          progress: bool = True) -> TrainResult:
+    """Fine-tune `loaded.model` on `entries` (record, root) with `config`; checkpoints go to output_dir."""
+    config.validate()
+    output_dir = Path(output_dir)
+    builder = make_builder(loaded, config)
+    dropped = Report(name="samples")
+    planned = plan_all(builder, list(entries), dropped)
+    kept = [(e, p) for e, p in zip(entries, planned) if p is not None]
+    if not kept:
+        raise AdaptError("no usable training sample (every record was dropped)",
+                         hint="see the dropped-sample report: " + "; ".join(str(s) for s in dropped.skips[:3]))
+    usable = [e for e, _ in kept]
+    lengths = [p.length for _, p in kept]
+    tiles = [p.tiles for _, p in kept]
+    if config.pack and max(lengths) > config.pack_tokens:
+        raise AdaptError(f"a sample of {max(lengths)} tokens exceeds pack_tokens {config.pack_tokens}",
+                         hint="raise pack_tokens to at least max_length")
+
+    model = apply_tuning_mode(loaded.model, config)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = describe_trainable(model)
+
+    if logging_dir is not None:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(logging_dir)
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=1, gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay, num_train_epochs=config.epochs, max_steps=config.max_steps,
+        logging_steps=config.logging_steps, save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        seed=config.seed, data_seed=config.seed, remove_unused_columns=False,
+        dataloader_num_workers=config.workers, report_to=["tensorboard"] if logging_dir is not None else "none",
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, max_grad_norm=config.max_grad_norm,
+        average_tokens_across_devices=True, save_strategy="steps", **precision_flags(config.precision),
+    )
+    collator = Collator(loaded.tokenizer.pad_token_id, pack=config.pack, loss_reduction=config.loss_reduction)
+
+    def sampler_factory(world_size: int, rank: int) -> RankBatchSampler:
+        return RankBatchSampler(lengths, tiles, pack=config.pack, batch_size=config.batch_size,
+                                max_tokens=config.pack_tokens, max_tiles=config.pack_tiles, seed=config.seed,
+                                world_size=world_size, rank=rank)
+
+    trainer = AdaptTrainer(model=model, args=args, train_dataset=MixtureDataset(usable, builder),
+                           data_collator=collator, batch_sampler_factory=sampler_factory, on_nan=config.on_nan,
+                           callbacks=[CompletedCheckpoints(), *callbacks])
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return TrainResult(model=trainer.model, steps=trainer.state.global_step, samples=len(usable), dropped=dropped,
+                       log_history=list(trainer.state.log_history), trainable=trainable)
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    return asdict(config)
+
