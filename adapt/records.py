@@ -106,13 +106,16 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
         if n_image != expected and not (expected == 1 and n_image == 0):
             out.append(f"{n_image} {IMAGE_PLACEHOLDER} placeholder(s) for {expected} image(s)")
     if root is not None:
-        for rel in images + ([record["video"]] if record.get("video") else []):
+        video = [record["video"]] if record.get("video") else []
+        for rel in images + video:
             try:
                 path = resolve_inside(root, rel)
             except AdaptError as err:
                 out.append(err.message)
                 continue
-            if check_files and not path.is_file():
+            # a video may be a file or, as InternVL also accepts, a folder of frames
+            exists = path.exists() if rel in video else path.is_file()
+            if check_files and not exists:
                 out.append(f"file not found: {rel}")
     return out
 

@@ -72,8 +72,9 @@ class SampleBuilder:
 
     # -- shapes --------------------------------------------------------------------------------
     def policy_for(self, record: Record) -> TilingPolicy:
-        max_tiles = record.get("meta", {}).get("max_tiles") or self.policy.max_tiles
-        base = TilingPolicy(self.policy.min_tiles, int(max_tiles), self.policy.thumbnail,
+        # a dataset's own limit (meta file max_dynamic_patch) can lower the run's, never raise it
+        max_tiles = min(int(record.get("meta", {}).get("max_tiles") or self.policy.max_tiles), self.policy.max_tiles)
+        base = TilingPolicy(min(self.policy.min_tiles, max_tiles), max_tiles, self.policy.thumbnail,
                             self.policy.jpeg_augment and self.train)
         return base.for_images(len(images_of(record)))
 
@@ -117,10 +118,10 @@ class SampleBuilder:
     # -- pixels --------------------------------------------------------------------------------
     def load_tiles(self, record: Record, root: str | Path, rng: random.Random) -> tuple[np.ndarray | None, list[int]]:
         if record.get("video"):
-            from adapt.video import read_video_frames
+            from adapt.video import read_frames
 
-            frames = read_video_frames(resolve_inside(root, record["video"]), self.frames_of(record),
-                                       random_offset=self.train, seed=rng.randrange(2**31))
+            frames = read_frames(resolve_inside(root, record["video"]), self.frames_of(record),
+                                 random_offset=self.train, seed=rng.randrange(2**31))
             return np.concatenate([single_tile(f, self.resample) for f in frames]), [1] * len(frames)
         paths = images_of(record)
         if not paths:

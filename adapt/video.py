@@ -8,7 +8,7 @@ Frame counts in container headers lie (`stream.frames` is 0 for Matroska/WebM an
 with what decodes for MP4 edit lists), so the count used to place segments is always the number
 of frames that actually decode: a cheap demux pass gives the first guess, the decode pass checks
 it, and a mismatch re-selects on the true count. This module is called per sample at training
-time, so it depends only on PyAV and Pillow.
+time, so it depends only on PyAV and Pillow (no torch import).
 """
 
 from __future__ import annotations
@@ -22,11 +22,19 @@ from PIL import Image
 
 from adapt.errors import AdaptError
 from adapt.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from adapt.tiling import decode_rgb
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".gif")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _DIGITS = re.compile(r"(\d+)")
+
+
+class TooFewFrames(AdaptError):
+    """A clip shorter than the frames asked for: callers skip it or fail, knowing both counts."""
+
+    def __init__(self, available: int, requested: int, *, path: str | Path | None = None) -> None:
+        self.available, self.requested = available, requested
+        super().__init__(f"has {available} frame(s), fewer than the {requested} requested", path=path,
+                         hint="ask for fewer frames (num_frames), drop the clip, or pass allow_fewer=True")
 
 
 def segment_frame_indices(n_total: int, n_frames: int, *, random_offset: bool = False,
@@ -40,8 +48,7 @@ def segment_frame_indices(n_total: int, n_frames: int, *, random_offset: bool = 
     if n_frames < 1:
         raise AdaptError(f"the number of frames must be at least 1, got {n_frames}")
     if n_total < n_frames:
-        raise AdaptError(f"{n_total} frame(s) available, fewer than the {n_frames} requested",
-                         hint="ask for fewer frames, or allow fewer (allow_fewer=True) to take them all")
+        raise TooFewFrames(n_total, n_frames)
     rng = rng or random.Random()
     indices = []
     for k in range(n_frames):
@@ -65,12 +72,11 @@ def expand_video_placeholder(text: str, n_frames: int) -> str:
 def _choose(path: str | Path, n_total: int, n_frames: int, random_offset: bool, seed: int | None,
             allow_fewer: bool) -> list[int]:
     if n_total == 0:
-        raise AdaptError("no frames could be decoded", path=path, hint="check that the file is a readable video")
+        raise AdaptError("no frames found", path=path, hint="check that it is a readable video or a folder of frame images")
     if n_total < n_frames:
         if allow_fewer:
             return list(range(n_total))
-        raise AdaptError(f"has {n_total} frame(s), fewer than the {n_frames} requested", path=path,
-                         hint="ask for fewer frames (num_frames), drop the clip, or pass allow_fewer=True")
+        raise TooFewFrames(n_total, n_frames, path=path)
     return segment_frame_indices(n_total, n_frames, random_offset=random_offset, rng=random.Random(seed))
 
 
@@ -121,8 +127,8 @@ def read_video_frames(path: str | Path, n_frames: int, *, random_offset: bool = 
                       allow_fewer: bool = False) -> list[Image.Image]:
     """The n segment frames of a video file as RGB PIL images, in time order.
 
-    A clip with fewer than n frames raises `AdaptError` naming the file and both counts, unless
-    `allow_fewer`, which returns all of its frames.
+    A clip with fewer than n frames raises `TooFewFrames` (an `AdaptError`) naming the file and both
+    counts, unless `allow_fewer`, which returns all of its frames.
     """
     guess = _count_packets(path)
     enough = guess >= n_frames or (allow_fewer and guess > 0)
@@ -156,7 +162,8 @@ def read_frame_folder(folder: str | Path, n_frames: int, *, random_offset: bool 
     frames = []
     for i in indices:
         try:
-            frames.append(decode_rgb(str(files[i])))
+            with Image.open(files[i]) as image:
+                frames.append(image.convert("RGB"))  # convert() decodes fully: truncation raises here
         except (OSError, SyntaxError, ValueError) as err:
             raise AdaptError(f"frame {files[i].name} does not decode ({err})", path=folder) from None
     return frames

@@ -1,0 +1,216 @@
+"""`adapt` command line: a thin layer over adapt.api (the notebooks call the same functions).
+
+    adapt run --domain driving --general-ratio 0.25      # the demo when no --data is given
+    adapt format KIND --input SRC --output OUT [--opt key=value] [--strict]
+    adapt eval RUN_DIR [--model DIR]
+    adapt export RUN_DIR --out DIR
+    adapt convert SRC DST
+    adapt sweep --domain driving --ratios 0 0.25 0.5
+
+User errors print one clear message (file, row, what to do) and exit with code 2; a traceback
+means a bug in adapt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from adapt.errors import AdaptError
+
+
+def _options(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise AdaptError(f"--opt {pair!r} is not key=value")
+        out[key] = value
+    return out
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    mapping = {"mode": "mode", "partial": "partial", "lr": "learning_rate", "epochs": "epochs",
+               "max_steps": "max_steps", "grad_accum": "grad_accum", "max_tiles": "max_tiles",
+               "max_length": "max_length", "loss_reduction": "loss_reduction", "precision": "precision",
+               "save_steps": "save_steps", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "workers": "workers",
+               "system": "system"}
+    out = {key: getattr(args, arg) for arg, key in mapping.items() if getattr(args, arg, None) is not None}
+    if args.no_pack:
+        out["pack"] = False
+    if args.gradient_checkpointing:
+        out["gradient_checkpointing"] = True
+    if args.lora_vision:
+        out["lora_vision"] = True
+    out.update(_options(args.train_opt))
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from adapt import api
+    from domains import DataSource
+
+    if args.resume:
+        api.run(resume=args.resume, progress=not args.quiet)
+        return 0
+    config_data: dict[str, Any] = api.load_config_file(args.config) if args.config else {}
+    config = api.RunConfig(**config_data)
+    if args.domain:
+        config.domain = args.domain
+    if args.general_ratio is not None:
+        config.general_ratio = args.general_ratio
+    for attr in ("model", "mix_by", "seed", "runs_dir", "name"):
+        if getattr(args, attr) is not None:
+            setattr(config, attr, getattr(args, attr))
+    if args.data:
+        config.data = [DataSource.parse(d).to_dict() for d in args.data]
+    if args.general:
+        config.general = [DataSource.parse(g if "=" in g else f"general={g}", where="--general").to_dict()
+                          for g in args.general]
+    config.upsample = config.upsample or args.upsample
+    config.strict = config.strict or args.strict
+    config.train = {**config.train, **_train_overrides(args)}
+    result = api.run(config, export=not args.no_export, progress=not args.quiet)
+    print(json.dumps({"run_dir": str(result.run_dir), "export": str(result.export_dir), **result.scores()}, indent=2))
+    return 0
+
+
+def cmd_format(args: argparse.Namespace) -> int:
+    import formatters
+    from formatters.base import run
+
+    report = run(formatters.get(args.kind), args.input, args.output, strict=args.strict, overwrite=args.overwrite,
+                 **_options(args.opt))
+    print(report.summary())
+    for skip in report.skips[:20]:
+        print(f"  skipped {skip}")
+    print(f"wrote {Path(args.output) / 'records.jsonl'} and {Path(args.output) / 'meta.json'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from adapt import api
+
+    report = api.evaluate_run(args.run_dir, model=args.model)
+    print(json.dumps({name: section.get("score") for name, section in report.items()}, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from adapt import api
+
+    out = api.export_run(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from adapt.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite)
+    print(f"converted to {out}; train it with: adapt run --model {out} ...")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from adapt import api
+
+    rows = api.sweep(args.ratios, domain=args.domain, runs_dir=args.runs_dir or "runs",
+                     **({"model": args.model} if args.model else {}))
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="adapt", description="Adapt small InternVL models to a domain.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="format, mix, train, evaluate and export in one run directory")
+    run.add_argument("--domain", help="driving | medical | remote_sensing | path/to/recipe.yaml")
+    run.add_argument("--general-ratio", type=float, help="share of general samples in training, in [0, 1)")
+    run.add_argument("--mix-by", choices=["samples", "tokens"])
+    run.add_argument("--model", help="native InternVL folder or hub id, or a preset (tiny, mini-internvl2-1b, ...)")
+    run.add_argument("--data", action="append", help="KIND=PATH[?key=value&...] (repeatable); none: the demo")
+    run.add_argument("--general", action="append", help="general data: meta .json / .jsonl / formatted folder")
+    run.add_argument("--config", help="a run config YAML (configs/<domain>/<model>.yaml); flags override it")
+    run.add_argument("--resume", help="continue the run in this run directory from its last complete checkpoint")
+    run.add_argument("--mode", choices=["full", "partial", "lora"])
+    run.add_argument("--partial", help="mlp | mlp+llm | vit-last-N")
+    run.add_argument("--lr", type=float)
+    run.add_argument("--epochs", type=float)
+    run.add_argument("--max-steps", type=int)
+    run.add_argument("--grad-accum", type=int)
+    run.add_argument("--max-tiles", type=int)
+    run.add_argument("--max-length", type=int)
+    run.add_argument("--loss-reduction", choices=["token", "sample", "square"])
+    run.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    run.add_argument("--save-steps", type=int)
+    run.add_argument("--lora-r", type=int)
+    run.add_argument("--lora-alpha", type=int)
+    run.add_argument("--lora-vision", action="store_true")
+    run.add_argument("--workers", type=int)
+    run.add_argument("--system", help="system message: none, default, or your own text")
+    run.add_argument("--no-pack", action="store_true")
+    run.add_argument("--gradient-checkpointing", action="store_true")
+    run.add_argument("--train-opt", action="append", help="any TrainConfig key=value")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--upsample", action="store_true", help="allow repeating general sources that are too small")
+    run.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
+    run.add_argument("--runs-dir")
+    run.add_argument("--name")
+    run.add_argument("--no-export", action="store_true")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    fmt = sub.add_parser("format", help="turn a source dataset into records (JSONL + meta + report)")
+    fmt.add_argument("kind")
+    fmt.add_argument("--input", required=True)
+    fmt.add_argument("--output", required=True)
+    fmt.add_argument("--opt", action="append", help="formatter option key=value (repeatable)")
+    fmt.add_argument("--strict", action="store_true")
+    fmt.add_argument("--overwrite", action="store_true")
+    fmt.set_defaults(func=cmd_format)
+
+    ev = sub.add_parser("eval", help="evaluate a run's model on its held-out sets")
+    ev.add_argument("run_dir")
+    ev.add_argument("--model", help="model folder to evaluate (default: the run's export)")
+    ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="write a run's model in the HF-native layout")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+    cv = sub.add_parser("convert", help="convert an original OpenGVLab InternVL checkpoint to the HF-native layout")
+    cv.add_argument("src")
+    cv.add_argument("dst")
+    cv.add_argument("--overwrite", action="store_true")
+    cv.set_defaults(func=cmd_convert)
+
+    sw = sub.add_parser("sweep", help="one run per general ratio, same data")
+    sw.add_argument("--domain", default="driving")
+    sw.add_argument("--ratios", type=float, nargs="+", default=[0, 0.125, 0.25, 0.5, 0.75])
+    sw.add_argument("--model")
+    sw.add_argument("--runs-dir")
+    sw.set_defaults(func=cmd_sweep)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AdaptError as err:
+        print(f"adapt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adapt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Evaluation: batched generation with the training-time prompt builder, then a metric per task kind.
+
+Domain skill is scored by task kind (classification accuracy, grounding Acc@IoU>=0.5, region
+accuracy, VQA exact match closed/open, driving accuracy + language + match scores); general
+skill is kept honest two ways on held-out general data: answer exact match / token F1 of the
+generations and the teacher-forced loss of the reference answers (which moves smoothly even
+where a small model's generations are all wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapt import metrics
+from adapt.batching import Collator
+from adapt.boxes import parse_boxes, to_grid
+from adapt.fileio import atomic_write_text
+from adapt.models import Loaded
+from adapt.records import Record
+from adapt.samples import SampleBuilder, SampleDropped
+from adapt.tiling import normalize
+from adapt.training import supervised_loss
+
+# Which number each task kind is summarised by (the "domain score" of a run).
+HEADLINE = {"classification": "accuracy", "grounding": "accuracy", "region": "accuracy", "vqa": "exact_match",
+            "driving": "accuracy", "video": "exact_match", "caption": "cider", "text": "exact_match"}
+
+
+def reference_answer(record: Record) -> str:
+    return next(t["value"] for t in reversed(record["conversations"]) if t["from"] == "gpt")
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate(loaded: Loaded, builder: SampleBuilder, entries: Sequence[tuple[Record, str]], *,
+             batch_size: int = 4, max_new_tokens: int = 64) -> list[str | None]:
+    """Greedy answers for (record, root) pairs, built exactly like training prompts (left-padded)."""
+    model = loaded.model.eval()
+    device = _model_device(model)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    tokenizer = loaded.tokenizer
+    stop = builder.encoder.stop_token_ids()
+    out: list[str | None] = [None] * len(entries)
+    for start in range(0, len(entries), batch_size):
+        chunk = []
+        for i in range(start, min(start + batch_size, len(entries))):
+            record, root = entries[i]
+            try:
+                chunk.append((i, builder.build(record, root, index=i, generation=True)))
+            except SampleDropped:
+                continue  # counted as unanswered (None) in the metrics
+        if not chunk:
+            continue
+        width = max(len(s) for _, s in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, s) in enumerate(chunk):
+            ids[row, width - len(s):] = s.input_ids
+            mask[row, width - len(s):] = 1
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        tiles = [s.tiles for _, s in chunk if s.tiles is not None]
+        if tiles:
+            kwargs["pixel_values"] = normalize(torch.cat(tiles).to(device), dtype)
+        generated = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                   pad_token_id=tokenizer.pad_token_id)
+        for row, (i, _) in enumerate(chunk):
+            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+    return out
+
+
+@torch.no_grad()
+def answer_loss(loaded: Loaded, builder: SampleBuilder, entries: Sequence[tuple[Record, str]]) -> float | None:
+    """Mean per-token cross-entropy of the reference answers (teacher forced)."""
+    model = loaded.model.eval()
+    device = _model_device(model)
+    collator = Collator(loaded.tokenizer.pad_token_id, pack=False, loss_reduction="token")
+    total, count = 0.0, 0
+    for i, (record, root) in enumerate(entries):
+        try:
+            sample = builder.build(record, root, index=i)
+        except SampleDropped:
+            continue
+        batch = {k: v.to(device) for k, v in collator([sample]).items()}
+        n = float(batch["loss_weights"][:, 1:].sum())
+        total += float(supervised_loss(model, batch, None)) * n
+        count += int(n)
+    return total / count if count else None
+
+
+def score_task(task: str, records: Sequence[Record], predictions: Sequence[str | None]) -> dict[str, Any]:
+    """Metrics for one task kind; unanswered predictions (None) count as wrong."""
+    preds = [p or "" for p in predictions]
+    refs = [reference_answer(r) for r in records]
+    metas = [r.get("meta", {}) for r in records]
+    if task == "classification":
+        choices = [m.get("choices") or None for m in metas]
+        answers = [m.get("answer", ref) for m, ref in zip(metas, refs)]
+        if any(c is None for c in choices):
+            choices = None
+        return metrics.classification_accuracy(preds, answers, choices)
+    if task == "grounding":
+        gts = []
+        for m, ref in zip(metas, refs):
+            if m.get("boxes_px") and m.get("image_size"):
+                w, h = m["image_size"]
+                gts.append([to_grid(b, w, h) for b in m["boxes_px"]])
+            else:
+                gts.append(parse_boxes(ref))
+        return metrics.grounding_accuracy(preds, gts)
+    if task == "region":
+        names = [m.get("name") or m.get("category") or m.get("answer") or ref for m, ref in zip(metas, refs)]
+        return metrics.region_accuracy(preds, names)
+    if task in ("vqa", "video"):
+        return metrics.vqa_scores(preds, [m.get("answer", ref) for m, ref in zip(metas, refs)],
+                                  [m.get("answer_type") for m in metas])
+    if task == "driving":
+        scores: dict[str, Any] = {"accuracy": metrics.drivelm_accuracy(preds, refs)["accuracy"],
+                                  "exact_match": _mean_bool(metrics.answer_match(p, r) for p, r in zip(preds, refs))}
+        scores.update(metrics.language_scores(preds, refs))
+        if any(metrics.point_match(r, r)[1] for r in refs):
+            scores["match"] = metrics.match_score(preds, refs)["match"]
+        scores["count"] = len(refs)
+        return scores
+    scores = metrics.language_scores(preds, refs) if task == "caption" else {}
+    scores["exact_match"] = _mean_bool(metrics.answer_match(p, r) for p, r in zip(preds, refs))
+    scores["token_f1"] = sum(metrics.token_f1(p, r) for p, r in zip(preds, refs)) / max(len(refs), 1)
+    scores["count"] = len(refs)
+    return scores
+
+
+def _mean_bool(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def evaluate(loaded: Loaded, builder: SampleBuilder, sets: dict[str, Sequence[tuple[Record, str]]], *,
+             batch_size: int = 4, max_new_tokens: int = 64, with_loss: bool = True) -> dict[str, Any]:
+    """Score each named set ("domain", "general", ...) per task kind; returns a JSON-able dict."""
+    report: dict[str, Any] = {}
+    for name, entries in sets.items():
+        if not entries:
+            continue
+        predictions = generate(loaded, builder, entries, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for i, (record, _) in enumerate(entries):
+            by_task[record.get("meta", {}).get("task", "text")].append(i)
+        tasks = {task: score_task(task, [entries[i][0] for i in idx], [predictions[i] for i in idx])
+                 for task, idx in sorted(by_task.items())}
+        section: dict[str, Any] = {"tasks": tasks, "count": len(entries),
+                                   "score": _headline(tasks, {t: len(i) for t, i in by_task.items()})}
+        if with_loss:
+            section["answer_loss"] = answer_loss(loaded, builder, entries)
+        section["examples"] = [{"id": entries[i][0].get("id"), "prediction": predictions[i],
+                                "reference": reference_answer(entries[i][0])} for i in range(min(8, len(entries)))]
+        report[name] = section
+    return report
+
+
+def _headline(tasks: dict[str, dict[str, Any]], counts: dict[str, int]) -> float | None:
+    """Sample-weighted mean of each task's headline metric."""
+    total, weight = 0.0, 0
+    for task, scores in tasks.items():
+        value = scores.get(HEADLINE.get(task, "exact_match"))
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            total += value * counts[task]
+            weight += counts[task]
+    return total / weight if weight else None
+
+
+def comparison_markdown(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
+    """A markdown table of headline scores and answer losses, before vs after fine-tuning."""
+    lines = ["| set | metric | before | after |", "|---|---|---|---|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    for name, section in after.items():
+        prior = (before or {}).get(name, {})
+        lines.append(f"| {name} | score | {fmt(prior.get('score'))} | {fmt(section.get('score'))} |")
+        if "answer_loss" in section:
+            lines.append(f"| {name} | answer loss | {fmt(prior.get('answer_loss'))} | {fmt(section.get('answer_loss'))} |")
+        for task, scores in section["tasks"].items():
+            key = HEADLINE.get(task, "exact_match")
+            old = prior.get("tasks", {}).get(task, {}).get(key)
+            lines.append(f"| {name} | {task} {key} | {fmt(old)} | {fmt(scores.get(key))} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_report(report: dict[str, Any], path: str | Path) -> None:
+    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False, default=str))

@@ -1,0 +1,579 @@
+"""Visual grounding: a referring expression -> `<ref>expression</ref><box>[[x1, y1, x2, y2]]</box>`.
+
+Corners are InternVL's integers 0..1000 (round(x / W * 1000), `adapt.boxes.to_grid`); several boxes
+for one expression are written `[[...], [...]]`. Inputs (option `format`, detected when unambiguous):
+
+- `coco`: a COCO instances json (`images`, `annotations` with xywh pixel `bbox`, `categories`); the
+  expression is the category name, all boxes of one category in one image form one answer.
+- `refcoco`: RefCOCO/+/g refs (a list of `{ref_id, ann_id, image_id, split, sentences: [{sent}]}`) plus
+  the COCO `instances.json` beside them (option `instances`); one record per sentence. Refs stored as
+  a JSON file are read as is; the released pickles `refs(*).p` are only unpickled with the explicit
+  option `allow_pickle=True` (unpickling runs code from the file: only do it for files you trust).
+- `voc`: a DIOR-RSVG style folder, `Annotations/*.xml` (`object/name`, `object/bndbox/{xmin,ymin,xmax,ymax}`,
+  `object/description`) and `JPEGImages/`, with split files `<split>.txt` listing global object indices
+  (DIOR-RSVG's convention: objects counted over the xml files in sorted name order) or annotation ids.
+- `jsonl`: plain rows `{image, expression, box: [x1, y1, x2, y2]}` (or `boxes: [[...], ...]`), as
+  JSONL or one JSON array.
+
+Boxes are pixels unless `box_format` says `*_norm` (0..1 floats). A 0..1 box found in a pixel field
+is never taken as pixels: with the default `box_format="auto"` of plain rows it is recognised by
+`adapt.boxes.looks_normalized` and converted; with an explicit pixel format it is a counted skip
+whose reason says which option to pass. Boxes outside the image or of zero area are counted skips.
+
+The readers (`read_targets`) and the small shared helpers here (`parse_options`, `load_json`,
+`ImageChecker`) are reused by the region, classification, RSVQA and general formatters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import types
+import typing
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from PIL import Image
+
+from adapt import boxes as bx
+from adapt import records as rec
+from adapt.errors import AdaptError, Report
+from adapt.fileio import resolve_inside
+from adapt.tiling import decode_rgb
+from formatters.base import Formatter
+
+T = TypeVar("T")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+FORMATS = ("auto", "coco", "refcoco", "voc", "jsonl")
+BOX_FORMATS = ("auto", "xyxy", "xywh", "xyxy_norm", "xywh_norm")
+GROUNDING_QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expression}</ref>"
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers (options, JSON, images)
+# --------------------------------------------------------------------------------------------------
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _coerce(kind: str, name: str, value: Any, hint: Any) -> Any:
+    """Options may come from a command line as strings: turn "true"/"5"/"a,b" into the declared type."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    bare = {typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,))}
+    if isinstance(value, str) and str not in bare:
+        text = value.strip()
+        if bool in bare and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        if int in bare and text.lstrip("-").isdigit():
+            return int(text)
+        if list in bare:
+            return [part.strip() for part in text.split(",") if part.strip()]
+    wrong_bool = isinstance(value, bool) and bool not in bare
+    if wrong_bool or not any(isinstance(value, b) for b in bare if isinstance(b, type)):
+        expected = " or ".join(sorted("none" if b is type(None) else b.__name__ for b in bare if isinstance(b, type)))
+        raise AdaptError(f"option {name}={value!r} of the {kind} formatter has the wrong type (expected {expected})")
+    return value
+
+
+def parse_options(spec: type[T], options: dict[str, Any], kind: str) -> T:
+    """Build an options dataclass, naming unknown options instead of raising a TypeError traceback."""
+    known = {f.name for f in fields(spec)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise AdaptError(f"unknown option(s) {', '.join(unknown)} for the {kind} formatter",
+                         hint="known options: " + ", ".join(sorted(known)))
+    hints = typing.get_type_hints(spec)
+    return spec(**{k: _coerce(kind, k, v, hints[k]) for k, v in options.items()})
+
+
+def choose(kind: str, name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise AdaptError(f"option {name}={value!r} of the {kind} formatter is not one of: {', '.join(allowed)}")
+    return value
+
+
+def load_json(path: Path, what: str = "annotation file") -> Any:
+    """Parse a JSON file, turning a missing or broken file into an `AdaptError` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdaptError(f"{what} not found", path=path) from None
+    except UnicodeDecodeError:
+        raise AdaptError(f"{what} is not UTF-8 text", path=path) from None
+    except json.JSONDecodeError as err:
+        raise AdaptError(f"{what} is not valid JSON ({err.msg})", path=path, row=err.lineno) from None
+
+
+def iter_json_rows(path: Path, report: Report) -> Iterator[tuple[int, Any]]:
+    """(row, object) from a JSONL file (row = line) or a JSON array (row = 1-based position).
+
+    Malformed JSONL lines are counted skips; a JSON file that is not an array is an `AdaptError`.
+    """
+    if path.suffix.lower() == ".jsonl":
+        with open(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    item = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    report.read += 1
+                    report.skip(f"malformed JSON line ({err})", path=path, row=line_no)
+                    continue
+                yield line_no, item
+        return
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise AdaptError("expected a JSON array of rows (or a .jsonl file)", path=path)
+    yield from enumerate(data, start=1)
+
+
+class ImageChecker:
+    """Resolves record image paths inside their root and fully decodes each image once.
+
+    Several rows often share an image (COCO, DIOR-RSVG, RSVQA): the decode result is cached, but
+    every row that uses an unusable image is reported as its own skip.
+    """
+
+    def __init__(self, root: Path, report: Report, decode: bool = True) -> None:
+        self.root, self.report, self.decode = Path(root), report, decode
+        self._cache: dict[Path, tuple[tuple[int, int] | None, str]] = {}
+
+    def size(self, rel: str, *, path: str | Path | None, row: int | None, id: str | None) -> tuple[int, int] | None:
+        """(width, height) of the image, or None after a counted skip (escaping, missing, corrupt)."""
+        try:
+            target = resolve_inside(self.root, rel)
+        except AdaptError as err:
+            self.report.skip(err.message, path=path, row=row, id=id)
+            return None
+        if target not in self._cache:
+            self._cache[target] = self._probe(target)
+        size, reason = self._cache[target]
+        if size is None:
+            self.report.skip(reason, path=path, row=row, id=id)
+        return size
+
+    def _probe(self, target: Path) -> tuple[tuple[int, int] | None, str]:
+        if not target.is_file():
+            return None, f"image not found: {target}"
+        try:
+            if self.decode:
+                return decode_rgb(str(target)).size, ""
+            with Image.open(target) as image:
+                return image.size, ""
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            return None, f"corrupt image: {target} ({err})"
+
+
+def turn(question: str, answer: str) -> list[dict[str, str]]:
+    """A single-image question/answer pair with InternVL's `<image>` placeholder in front."""
+    return [{"from": "human", "value": f"{rec.IMAGE_PLACEHOLDER}\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers shared by grounding and region
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """Options of the grounding/region readers (see the module docstring)."""
+
+    format: str = "auto"
+    box_format: str = "auto"
+    images: str | None = None
+    split: str | None = None
+    split_entries: str = "auto"
+    instances: str | None = None
+    allow_pickle: bool = False
+    sentences: str = "all"
+    source_name: str | None = None
+    domain: str = "general"
+
+
+@dataclass
+class Target:
+    """One referring expression with its checked boxes, ready to become a record."""
+
+    id: str
+    image: str
+    expression: str
+    name: str | None
+    boxes_px: list[list[float]]
+    size: tuple[int, int]
+    path: Path
+    row: int | None
+
+    @property
+    def grid(self) -> list[list[int]]:
+        return [bx.to_grid(b, *self.size) for b in self.boxes_px]
+
+
+@dataclass
+class _Candidate:
+    id: str
+    image: str
+    expression: str
+    boxes: list[Any]
+    box_format: str
+    path: Path
+    row: int | None
+    name: str | None = None
+
+
+def detect_format(source: Path, requested: str = "auto") -> str:
+    """The input format: `requested` unless "auto", else what the source unambiguously is."""
+    fmt = choose("grounding", "format", requested, FORMATS)
+    if fmt != "auto":
+        return fmt
+    if source.is_dir():
+        if (source / "Annotations").is_dir():
+            return "voc"
+        if _refs_files(source):
+            return "refcoco"
+        raise AdaptError("cannot tell the grounding format of this folder", path=source,
+                         hint="a DIOR-RSVG folder has Annotations/; a RefCOCO folder has refs(*).json or refs(*).p "
+                              "plus instances.json; or pass format=coco|refcoco|voc|jsonl")
+    suffix = source.suffix.lower()
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix in (".p", ".pkl", ".pickle"):
+        return "refcoco"
+    if suffix == ".json":
+        shape, first = _peek_json(source)
+        if shape == "object":
+            return "coco"
+        if isinstance(first, dict) and "sentences" in first:
+            return "refcoco"
+        if isinstance(first, dict) and "expression" in first:
+            return "jsonl"
+    raise AdaptError("cannot tell the grounding format of this file", path=source,
+                     hint="pass format=coco|refcoco|voc|jsonl")
+
+
+def _peek_json(path: Path) -> tuple[str, Any]:
+    """("object" | "array" | "other", first array element or None) from the file's first MiB, so that
+    detecting the format does not parse a COCO file of hundreds of MB a second time."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            head = handle.read(1 << 20).lstrip()
+    except UnicodeDecodeError:
+        raise AdaptError("annotation file is not UTF-8 text", path=path) from None
+    if head.startswith("{"):
+        return "object", None
+    if not head.startswith("["):
+        return "other", None
+    try:
+        return "array", json.JSONDecoder().raw_decode(head[1:].lstrip())[0]
+    except json.JSONDecodeError:
+        return "array", None
+
+
+def reader_root(source: Path, opts: ReaderOptions) -> Path:
+    """The folder record image paths are relative to (the source itself for a DIOR-RSVG folder)."""
+    if source.is_dir() and (source / "Annotations").is_dir():
+        return source
+    base = source if source.is_dir() else source.parent
+    return base / opts.images if opts.images else base
+
+
+def read_targets(source: Path, report: Report, opts: ReaderOptions, *, group: bool) -> Iterator[Target]:
+    """Checked targets from any supported input. `group` merges all COCO boxes of one category in one
+    image into one target (grounding); without it every annotation is its own target (region)."""
+    choose("grounding", "box_format", opts.box_format, BOX_FORMATS)
+    choose("grounding", "sentences", opts.sentences, ("all", "first"))
+    fmt = detect_format(source, opts.format)
+    if opts.split is not None and fmt not in ("refcoco", "voc"):
+        raise AdaptError(f"option split={opts.split!r} applies to refcoco and voc inputs, not {fmt}", path=source)
+    name = opts.source_name or default_name(source)
+    readers = {"coco": _read_coco, "refcoco": _read_refcoco, "voc": _read_voc, "jsonl": _read_plain}
+    checker = ImageChecker(reader_root(source, opts), report)
+    for cand in readers[fmt](source, report, opts, name, group):
+        report.read += 1
+        target = _check(cand, checker, report)
+        if target is not None:
+            yield target
+
+
+def default_name(source: Path) -> str:
+    """The `meta.source` of a run without `source_name`: the folder name or file stem, lower case;
+    for generic file names (COCO `instances*.json`, RefCOCO `refs(unc).p`) the parent folder's name."""
+    generic = source.is_file() and source.stem.lower().startswith(("instances", "refs"))
+    name = source.parent.name if generic or not source.stem else source.name if source.is_dir() else source.stem
+    return name.lower().replace(" ", "_")
+
+
+def _box_format(opts: ReaderOptions, pixel_default: str) -> str:
+    """The explicit format, or the source format's own convention (plain rows: detect 0..1 boxes)."""
+    return pixel_default if opts.box_format == "auto" else opts.box_format
+
+
+def to_pixels(raw: Any, box_format: str, width: int, height: int) -> tuple[list[float] | None, str]:
+    """One source box -> clamped pixel xyxy, or (None, why not). Returns the format actually used as
+    the second value on success ("xyxy_norm" when an auto box was recognised as 0..1)."""
+    if (not isinstance(raw, (list, tuple)) or len(raw) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw)):
+        return None, f"box {raw!r} is not a list of 4 numbers"
+    fmt = box_format
+    if fmt == "auto":
+        fmt = "xyxy_norm" if bx.looks_normalized(raw) else "xyxy"
+    elif not fmt.endswith("_norm") and bx.looks_normalized(raw):
+        return None, (f"box {list(raw)} looks like 0..1 normalised floats but box_format={fmt!r} says pixels; "
+                      f"pass box_format='{fmt}_norm' if the source stores 0..1 boxes")
+    if fmt.endswith("_norm"):
+        if not all(0.0 <= float(v) <= 1.0 for v in raw):
+            return None, (f"box {list(raw)} has values outside 0..1 but box_format={fmt!r} says normalised; "
+                          f"pass box_format='{fmt.removesuffix('_norm')}' for pixel boxes")
+        xyxy = bx.xywh_to_xyxy(raw) if fmt.startswith("xywh") else list(raw)
+        px = [xyxy[0] * width, xyxy[1] * height, xyxy[2] * width, xyxy[3] * height]
+    else:
+        px = bx.xywh_to_xyxy(raw) if fmt == "xywh" else [float(v) for v in raw]
+    problem = bx.box_problem(px, width, height)
+    if problem:
+        return None, problem
+    return bx.clamp(px, width, height), fmt
+
+
+def _check(cand: _Candidate, checker: ImageChecker, report: Report) -> Target | None:
+    if not cand.expression or not isinstance(cand.expression, str) or not cand.expression.strip():
+        report.skip("empty or missing referring expression", path=cand.path, row=cand.row, id=cand.id)
+        return None
+    if not cand.boxes:
+        report.skip("no box for the expression", path=cand.path, row=cand.row, id=cand.id)
+        return None
+    size = checker.size(cand.image, path=cand.path, row=cand.row, id=cand.id)
+    if size is None:
+        return None
+    boxes_px, used_norm = [], 0
+    for raw in cand.boxes:
+        px, how = to_pixels(raw, cand.box_format, *size)
+        if px is None:
+            report.skip(how, path=cand.path, row=cand.row, id=cand.id)
+            return None
+        boxes_px.append(px)
+        used_norm += how.endswith("_norm")
+    if used_norm:
+        report.stats["normalized_boxes_converted"] = report.stats.get("normalized_boxes_converted", 0) + used_norm
+    return Target(id=cand.id, image=cand.image, expression=" ".join(cand.expression.split()), name=cand.name,
+                  boxes_px=boxes_px, size=size, path=cand.path, row=cand.row)
+
+
+def _index(items: Any, path: Path, what: str) -> dict[Any, dict[str, Any]]:
+    if not isinstance(items, list):
+        raise AdaptError(f"'{what}' must be a list", path=path)
+    return {item["id"]: item for item in items if isinstance(item, dict) and "id" in item}
+
+
+def _read_coco_file(path: Path) -> dict[str, Any]:
+    data = load_json(path, "COCO instances file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        raise AdaptError("not a COCO instances file (needs 'images' and 'annotations' lists)", path=path)
+    return data
+
+
+def _read_coco(source: Path, report: Report, opts: ReaderOptions, name: str, group: bool) -> Iterator[_Candidate]:
+    data = _read_coco_file(source)
+    images = _index(data["images"], source, "images")
+    categories = {c["id"]: c.get("name", "") for c in data.get("categories", []) if isinstance(c, dict) and "id" in c}
+    box_format = _box_format(opts, "xywh")
+    groups: dict[tuple[Any, Any], _Candidate] = {}
+    for row, ann in enumerate(data["annotations"], start=1):
+        if not isinstance(ann, dict) or "image_id" not in ann or "bbox" not in ann:
+            report.read += 1
+            report.skip("annotation without image_id or bbox", path=source, row=row)
+            continue
+        if ann.get("iscrowd"):
+            report.stats["crowd_annotations_dropped"] = report.stats.get("crowd_annotations_dropped", 0) + 1
+            continue
+        image = images.get(ann["image_id"])
+        category = categories.get(ann.get("category_id"))
+        if image is None or not category or "file_name" not in image:
+            report.read += 1
+            report.skip(f"annotation refers to unknown image {ann['image_id']!r} or category {ann.get('category_id')!r}",
+                        path=source, row=row, id=str(ann.get("id")))
+            continue
+        key = (ann["image_id"], ann.get("category_id")) if group else (ann["image_id"], ann.get("id", row))
+        if key in groups:
+            groups[key].boxes.append(ann["bbox"])
+            continue
+        ident = f"{name}-{ann['image_id']}-{ann.get('category_id')}" if group else f"{name}-ann{ann.get('id', row)}"
+        groups[key] = _Candidate(id=ident, image=str(image["file_name"]), expression=category, name=category,
+                                 boxes=[ann["bbox"]], box_format=box_format, path=source, row=row)
+    yield from groups.values()
+
+
+def _refs_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith("refs")
+                  and p.suffix.lower() in (".json", ".p", ".pkl", ".pickle"))
+
+
+def _load_refs(path: Path, allow_pickle: bool) -> Any:
+    if path.suffix.lower() == ".json":
+        return load_json(path, "refs file")
+    if not allow_pickle:
+        raise AdaptError("refusing to unpickle a refs file: unpickling runs code stored in the file", path=path,
+                         hint="convert it to JSON, or pass allow_pickle=True if you trust this file")
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        raise AdaptError(f"cannot unpickle the refs file ({err})", path=path) from None
+
+
+def _read_refcoco(source: Path, report: Report, opts: ReaderOptions, name: str, group: bool) -> Iterator[_Candidate]:
+    refs_path = source
+    if source.is_dir():
+        found = _refs_files(source)
+        if len(found) != 1:
+            raise AdaptError(f"expected one refs(*).json or refs(*).p file in the folder, found {len(found)}",
+                             path=source, hint="pass the refs file itself as the source")
+        refs_path = found[0]
+    refs = _load_refs(refs_path, opts.allow_pickle)
+    if not isinstance(refs, list):
+        raise AdaptError("a refs file must hold a list of refs", path=refs_path)
+    instances_path = refs_path.parent / (opts.instances or "instances.json")
+    coco = _read_coco_file(instances_path)
+    images = _index(coco["images"], instances_path, "images")
+    anns = _index(coco["annotations"], instances_path, "annotations")
+    categories = {c["id"]: c.get("name") for c in coco.get("categories", []) if isinstance(c, dict) and "id" in c}
+    box_format = _box_format(opts, "xywh")
+    for row, ref in enumerate(refs, start=1):
+        if not isinstance(ref, dict) or not isinstance(ref.get("sentences"), list):
+            report.read += 1
+            report.skip("ref without a 'sentences' list", path=refs_path, row=row)
+            continue
+        if opts.split is not None and ref.get("split") != opts.split:
+            continue
+        ann, image = anns.get(ref.get("ann_id")), images.get(ref.get("image_id"))
+        ref_id = ref.get("ref_id", row)
+        if ann is None or image is None or "bbox" not in ann or "file_name" not in image:
+            report.read += 1
+            report.skip(f"ref {ref_id} points to a missing annotation {ref.get('ann_id')!r} or image {ref.get('image_id')!r}",
+                        path=refs_path, row=row, id=f"{name}-{ref_id}")
+            continue
+        sentences = ref["sentences"][:1] if opts.sentences == "first" else ref["sentences"]
+        for k, sentence in enumerate(sentences):
+            text = sentence.get("sent") or sentence.get("raw") if isinstance(sentence, dict) else sentence
+            yield _Candidate(id=f"{name}-{ref_id}-{k}", image=str(image["file_name"]), expression=text or "",
+                             name=categories.get(ann.get("category_id")), boxes=[ann["bbox"]],
+                             box_format=box_format, path=refs_path, row=row)
+
+
+def _split_selection(source: Path, opts: ReaderOptions, xml_files: list[Path]) -> tuple[str, set[str]] | None:
+    """(mode, entries) of the split file, mode "index" (global object indices) or "id" (xml stems)."""
+    if opts.split is None:
+        return None
+    choose("grounding", "split_entries", opts.split_entries, ("auto", "index", "id"))
+    candidates = [source / opts.split, source / f"{opts.split}.txt", source / "ImageSets" / "Main" / f"{opts.split}.txt"]
+    split_file = next((p for p in candidates if p.is_file()), None)
+    if split_file is None:
+        raise AdaptError(f"split file for split={opts.split!r} not found", path=source,
+                         hint=f"expected {opts.split}.txt beside Annotations/ (or ImageSets/Main/{opts.split}.txt)")
+    entries = {line.strip() for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()}
+    mode = opts.split_entries
+    if mode == "auto":
+        stems = {p.stem for p in xml_files}
+        if entries <= stems:
+            mode = "id"
+        elif all(e.isdigit() for e in entries):
+            mode = "index"
+        else:
+            raise AdaptError("split file lists neither object indices nor annotation ids", path=split_file,
+                             hint="pass split_entries=index or split_entries=id")
+    if mode == "index" and not all(e.isdigit() for e in entries):
+        raise AdaptError("split_entries=index but the split file has non-integer lines", path=split_file)
+    return mode, ({str(int(e)) for e in entries} if mode == "index" else entries)
+
+
+def _read_voc(source: Path, report: Report, opts: ReaderOptions, name: str, group: bool) -> Iterator[_Candidate]:
+    xml_files = sorted((source / "Annotations").glob("*.xml"))
+    selection = _split_selection(source, opts, xml_files)
+    images_dir = opts.images or "JPEGImages"
+    box_format = _box_format(opts, "xyxy")
+    global_index = -1
+    for xml_path in xml_files:
+        try:
+            root = ET.parse(xml_path).getroot()
+        except ET.ParseError as err:
+            if selection is not None and selection[0] == "index":
+                raise AdaptError(f"malformed XML ({err}); the split file counts objects across all files, so the "
+                                 "indices of every later file would be wrong", path=xml_path,
+                                 hint="fix or restore this annotation file") from None
+            report.read += 1
+            report.skip(f"malformed XML ({err})", path=xml_path)
+            continue
+        filename = (root.findtext("filename") or f"{xml_path.stem}.jpg").strip()
+        for k, obj in enumerate(root.findall("object"), start=1):
+            global_index += 1
+            if selection is not None:
+                mode, entries = selection
+                if (str(global_index) if mode == "index" else xml_path.stem) not in entries:
+                    continue
+            ident = f"{name}-{xml_path.stem}-{k}"
+            bndbox = obj.find("bndbox")
+            try:
+                box = [float(bndbox.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[union-attr, arg-type]
+            except (AttributeError, TypeError, ValueError):
+                report.read += 1
+                report.skip(f"object {k} has a missing or non-numeric bndbox", path=xml_path, row=k, id=ident)
+                continue
+            category = (obj.findtext("name") or "").strip() or None
+            description = (obj.findtext("description") or "").strip()
+            if not description:
+                report.stats["objects_without_description"] = report.stats.get("objects_without_description", 0) + 1
+            yield _Candidate(id=ident, image=f"{images_dir}/{filename}", expression=description or category or "",
+                             name=category, boxes=[box], box_format=box_format, path=xml_path, row=k)
+
+
+def _read_plain(source: Path, report: Report, opts: ReaderOptions, name: str, group: bool) -> Iterator[_Candidate]:
+    box_format = _box_format(opts, "auto")
+    for row, item in iter_json_rows(source, report):
+        ident = f"{name}-{item.get('id', row)}" if isinstance(item, dict) else f"{name}-{row}"
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not (
+                "box" in item or "boxes" in item):
+            report.read += 1
+            report.skip("row needs 'image' (a path), 'expression' and 'box' or 'boxes'", path=source, row=row, id=ident)
+            continue
+        boxes = item["boxes"] if "boxes" in item else [item["box"]]
+        if not isinstance(boxes, list):
+            boxes = [boxes]
+        yield _Candidate(id=ident, image=item["image"], expression=item.get("expression") or "",
+                         name=item.get("name"), boxes=boxes, box_format=box_format, path=source, row=row)
+
+
+# --------------------------------------------------------------------------------------------------
+# The grounding formatter
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GroundingOptions(ReaderOptions):
+    question: str = GROUNDING_QUESTION
+
+
+def generate(source: Path, out: Path, report: Report, **options: Any) -> Iterator[rec.Record]:
+    opts = parse_options(GroundingOptions, options, "grounding")
+    if "{expression}" not in opts.question:
+        raise AdaptError("option question must contain the placeholder {expression}")
+    name = opts.source_name or default_name(source)
+    for target in read_targets(source, report, opts, group=True):
+        grid = target.grid
+        yield {
+            "id": target.id, "image": target.image,
+            "conversations": turn(opts.question.replace("{expression}", target.expression),
+                                  bx.ref_box(target.expression, grid)),
+            "meta": {"task": "grounding", "source": name, "domain": opts.domain, "expression": target.expression,
+                     "boxes_px": target.boxes_px, "boxes": grid, "image_size": list(target.size),
+                     **({"category": target.name} if target.name else {})},
+        }
+
+
+def image_root(source: Path, **options: Any) -> Path:
+    return reader_root(Path(source), parse_options(GroundingOptions, options, "grounding"))
+
+
+GROUNDING = Formatter("grounding", generate, image_root,
+                      "Referring expressions (COCO, RefCOCO, DIOR-RSVG VOC xml, plain JSON) -> <ref>/<box> answers")
