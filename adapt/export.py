@@ -29,8 +29,7 @@ from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrain
 
 from adapt.errors import AdaptError
 from adapt.fileio import atomic_dir
-from adapt.models import _dtype
-from adapt.records import IMAGE_PLACEHOLDER
+from adapt.models import torch_dtype
 from adapt.templates import IMG_CONTEXT, IMG_END, IMG_START, Encoder, chat_template_jinja, get_template
 from adapt.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize
 
@@ -58,7 +57,7 @@ def export_model(model: Any, tokenizer: Any, template: str, out: str | Path, *, 
     if max_tiles < 1:
         raise AdaptError(f"max_tiles must be at least 1, got {max_tiles}", hint="pass --max-tiles 12 (InternVL default)")
     stop_ids = Encoder(tokenizer, template).stop_token_ids()  # also checks the image tokens exist
-    target = _dtype(dtype) if dtype is not None else None
+    target = torch_dtype(dtype) if dtype is not None else None
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         base = model.get_base_model() if _is_peft(model) else model
@@ -196,11 +195,7 @@ def _write_generation_config(folder: Path, model: PreTrainedModel, tokenizer: An
 def hf_chat_template(template: str) -> str:
     """The family chat template with image parts rendered as `<IMG_CONTEXT>`, the placeholder the -hf
     InternVLProcessor (and vLLM) expands into `<img>` + context tokens + `</img>` per image."""
-    jinja = chat_template_jinja(template)
-    placeholder = f"'{IMAGE_PLACEHOLDER}\\n'"
-    if jinja.count(placeholder) != 1:
-        raise RuntimeError(f"chat_template_jinja({template!r}) no longer renders images as {placeholder}")
-    return jinja.replace(placeholder, f"'{IMG_CONTEXT}\\n'")
+    return chat_template_jinja(template, image_token=IMG_CONTEXT)
 
 
 def _write_tokenizer(folder: Path, tokenizer: Any, template: str) -> None:

@@ -133,7 +133,7 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
         for sub in (model.config.text_config, model.config.vision_config):
             sub._attn_implementation = attn_implementation or "sdpa"
         if dtype is not None:
-            model = model.to(_dtype(dtype))
+            model = model.to(torch_dtype(dtype))
         return Loaded(model, tokenizer, PRESETS[name_or_path]["template"], name_or_path)
     path = Path(name_or_path)
     if path.exists():
@@ -146,7 +146,7 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
                          "(tokenizer.json / tokenizer_config.json); copy them from the base model") from None
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
-        kwargs["dtype"] = _dtype(dtype)
+        kwargs["dtype"] = torch_dtype(dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -171,7 +171,7 @@ def _check_native_dir(path: Path) -> None:
         raise AdaptError(f"model_type {config.get('model_type')!r} is not an InternVL checkpoint", path=path)
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,

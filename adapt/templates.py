@@ -79,11 +79,11 @@ def resolve_system(template: Template, system: str | None) -> str | None:
     return SYSTEM_MESSAGES.get(system, system)
 
 
-def chat_template_jinja(name: str) -> str:
-    """A HF `chat_template` for exports, rendering exactly what `encode` builds for text turns.
+def chat_template_jinja(name: str, image_token: str = IMAGE_PLACEHOLDER) -> str:
+    """A HF `chat_template` rendering exactly what `encode` builds for text turns.
 
-    Images in message content render as `<image>` placeholders, which the toolkit's processor (or
-    the user's) expands; the -hf processors expand `<IMG_CONTEXT>` the same way.
+    Image parts of a message render as `image_token` + newline: `<image>` for adapt's own records,
+    `<IMG_CONTEXT>` for exports, the placeholder the -hf InternVLProcessor and vLLM expand.
     """
     t = get_template(name)
     esc = lambda s: s.replace("\n", "\\n")  # noqa: E731
@@ -93,7 +93,7 @@ def chat_template_jinja(name: str) -> str:
         + "{% for message in messages %}"
         + "{% if message['content'] is string %}{% set text = message['content'] %}"
         + "{% else %}{% set text = namespace(v='') %}{% for part in message['content'] %}"
-        + "{% if part['type'] == 'image' %}{% set text.v = text.v + '<image>\\n' %}"
+        + "{% if part['type'] == 'image' %}{% set text.v = text.v + '" + image_token + "\\n' %}"
         + "{% elif part['type'] == 'text' %}{% set text.v = text.v + part['text'] %}{% endif %}{% endfor %}"
         + "{% set text = text.v %}{% endif %}"
         + f"{{% if message['role'] == 'system' %}}{{{{ '{esc(t.system.split('{system}')[0])}' + text + '{esc(t.end + t.after_end)}' }}}}"
