@@ -11,18 +11,21 @@ images, else the source folder (no copies of images the source already has).
 
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from tqdm import tqdm
 
 from adapt import records as rec
 from adapt.errors import AdaptError, Report
-from adapt.fileio import atomic_dir
+from adapt.fileio import atomic_dir, resolve_inside
 from adapt.tiling import count_tiles, decode_rgb, tile_budget
 
 Generator = Callable[..., Iterator[rec.Record]]
@@ -112,3 +115,129 @@ def image_size_or_skip(path: Path, report: Report, *, source: str | Path | None 
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         report.skip(f"corrupt image: {path} ({err})", path=source or path, row=row, id=id)
     return None
+
+
+T = TypeVar("T")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers (options, JSON, images)
+# --------------------------------------------------------------------------------------------------
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _coerce(kind: str, name: str, value: Any, hint: Any) -> Any:
+    """Options may come from a command line as strings: turn "true"/"5"/"a,b" into the declared type."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    bare = {typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,))}
+    if isinstance(value, str) and str not in bare:
+        text = value.strip()
+        if bool in bare and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        if int in bare and text.lstrip("-").isdigit():
+            return int(text)
+        if list in bare:
+            return [part.strip() for part in text.split(",") if part.strip()]
+    wrong_bool = isinstance(value, bool) and bool not in bare
+    if wrong_bool or not any(isinstance(value, b) for b in bare if isinstance(b, type)):
+        expected = " or ".join(sorted("none" if b is type(None) else b.__name__ for b in bare if isinstance(b, type)))
+        raise AdaptError(f"option {name}={value!r} of the {kind} formatter has the wrong type (expected {expected})")
+    return value
+
+
+def parse_options(spec: type[T], options: dict[str, Any], kind: str) -> T:
+    """Build an options dataclass, naming unknown options instead of raising a TypeError traceback."""
+    known = {f.name for f in fields(spec)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise AdaptError(f"unknown option(s) {', '.join(unknown)} for the {kind} formatter",
+                         hint="known options: " + ", ".join(sorted(known)))
+    hints = typing.get_type_hints(spec)
+    return spec(**{k: _coerce(kind, k, v, hints[k]) for k, v in options.items()})
+
+
+def choose(kind: str, name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise AdaptError(f"option {name}={value!r} of the {kind} formatter is not one of: {', '.join(allowed)}")
+    return value
+
+
+def load_json(path: Path, what: str = "annotation file") -> Any:
+    """Parse a JSON file, turning a missing or broken file into an `AdaptError` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdaptError(f"{what} not found", path=path) from None
+    except UnicodeDecodeError:
+        raise AdaptError(f"{what} is not UTF-8 text", path=path) from None
+    except json.JSONDecodeError as err:
+        raise AdaptError(f"{what} is not valid JSON ({err.msg})", path=path, row=err.lineno) from None
+
+
+def iter_json_rows(path: Path, report: Report) -> Iterator[tuple[int, Any]]:
+    """(row, object) from a JSONL file (row = line) or a JSON array (row = 1-based position).
+
+    Malformed JSONL lines are counted skips; a JSON file that is not an array is an `AdaptError`.
+    """
+    if path.suffix.lower() == ".jsonl":
+        with open(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    item = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    report.read += 1
+                    report.skip(f"malformed JSON line ({err})", path=path, row=line_no)
+                    continue
+                yield line_no, item
+        return
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise AdaptError("expected a JSON array of rows (or a .jsonl file)", path=path)
+    yield from enumerate(data, start=1)
+
+
+class ImageChecker:
+    """Resolves record image paths inside their root and fully decodes each image once.
+
+    Several rows often share an image (COCO, DIOR-RSVG, RSVQA): the decode result is cached, but
+    every row that uses an unusable image is reported as its own skip.
+    """
+
+    def __init__(self, root: Path, report: Report, decode: bool = True) -> None:
+        self.root, self.report, self.decode = Path(root), report, decode
+        self._cache: dict[Path, tuple[tuple[int, int] | None, str]] = {}
+
+    def size(self, rel: str, *, path: str | Path | None, row: int | None, id: str | None) -> tuple[int, int] | None:
+        """(width, height) of the image, or None after a counted skip (escaping, missing, corrupt)."""
+        try:
+            target = resolve_inside(self.root, rel)
+        except AdaptError as err:
+            self.report.skip(err.message, path=path, row=row, id=id)
+            return None
+        if target not in self._cache:
+            self._cache[target] = self._probe(target)
+        size, reason = self._cache[target]
+        if size is None:
+            self.report.skip(reason, path=path, row=row, id=id)
+        return size
+
+    def _probe(self, target: Path) -> tuple[tuple[int, int] | None, str]:
+        if not target.is_file():
+            return None, f"image not found: {target}"
+        try:
+            if self.decode:
+                return decode_rgb(str(target)).size, ""
+            with Image.open(target) as image:
+                return image.size, ""
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            return None, f"corrupt image: {target} ({err})"
+
+
+def turn(question: str, answer: str) -> list[dict[str, str]]:
+    """A single-image question/answer pair with InternVL's `<image>` placeholder in front."""
+    return [{"from": "human", "value": f"{rec.IMAGE_PLACEHOLDER}\n{question}"}, {"from": "gpt", "value": answer}]

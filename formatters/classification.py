@@ -48,17 +48,17 @@ from PIL import Image
 
 from adapt import records as rec
 from adapt.errors import AdaptError, Report
-from formatters.base import Formatter
-from formatters.grounding import (
+from formatters.base import (
     IMAGE_EXTENSIONS,
+    Formatter,
     ImageChecker,
     choose,
-    default_name,
     iter_json_rows,
     load_json,
     parse_options,
     turn,
 )
+from formatters.grounding import default_name
 
 PROMPT_PREFIX = "Classify the image into one of the following categories:\n"
 SUFFIX_LETTERED = "\nAnswer with the option's letter and the category name from the given choices directly."

@@ -36,8 +36,7 @@ from typing import Any
 from adapt import boxes as bx
 from adapt import records as rec
 from adapt.errors import AdaptError, Report
-from formatters.base import Formatter
-from formatters.grounding import ImageChecker, choose, iter_json_rows, parse_options
+from formatters.base import Formatter, ImageChecker, choose, iter_json_rows, parse_options
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,8 @@ from typing import Any
 from adapt import boxes as bx
 from adapt import records as rec
 from adapt.errors import AdaptError, Report
-from formatters.base import Formatter
-from formatters.grounding import (
-    ReaderOptions,
-    choose,
-    default_name,
-    parse_options,
-    read_targets,
-    reader_root,
-    turn,
-)
+from formatters.base import Formatter, choose, parse_options, turn
+from formatters.grounding import ReaderOptions, default_name, read_targets, reader_root
 
 REGION_QUESTION = "What object is in this location <box>{box}</box>?"
 

@@ -25,8 +25,7 @@ from typing import Any
 
 from adapt import records as rec
 from adapt.errors import AdaptError, Report
-from formatters.base import Formatter
-from formatters.grounding import ImageChecker, load_json, parse_options, turn
+from formatters.base import Formatter, ImageChecker, load_json, parse_options, turn
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 IMAGE_FOLDERS = ("Images_LR", "Data", "Images_HR", "Images")
