@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from adapt import boxes as bx
 from adapt.errors import AdaptError, Report
+from adapt.tiling import resize
 from formatters.base import Formatter
 
 CAMERA_GRID = (("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"),
@@ -330,7 +331,9 @@ def stitch(paths: dict[str, Path], timings: Timings | None = None) -> np.ndarray
         t0 = time.perf_counter()
         array = decode_camera(paths[cam])
         t1 = time.perf_counter()
-        view = np.asarray(Image.fromarray(array).resize((VIEW_W, VIEW_H), Image.Resampling.BICUBIC))
+        # PyTorch's antialiased uint8 bicubic: ~8x faster than PIL's for this shrink, within one grey
+        # level of it (see adapt.tiling.resize and tests/test_tiling.py)
+        view = resize(array, VIEW_W, VIEW_H)
         col, row = CAMERA_CELL[cam]
         x0, y0 = col * VIEW_W, row * VIEW_H
         canvas[y0:y0 + VIEW_H, x0:x0 + VIEW_W] = view
