@@ -21,6 +21,7 @@ from adapt.errors import AdaptError
 from adapt.templates import IMG_CONTEXT, TEMPLATES
 
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny-tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one holds the vocabulary
 
 INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                       attention_bias=True, layer_norm_eps=1e-6, norm_type="layer_norm", use_qk_norm=False,
@@ -129,6 +130,7 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
         config = preset_config(name_or_path, tokenizer)
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
+        _sincos_positions(model)
         model.config._attn_implementation = attn_implementation or "sdpa"
         for sub in (model.config.text_config, model.config.vision_config):
             sub._attn_implementation = attn_implementation or "sdpa"
@@ -138,6 +140,11 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
     path = Path(name_or_path)
     if path.exists():
         _check_native_dir(path)
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would build an empty tokenizer from config.json alone, silently
+            raise AdaptError("the model folder has no tokenizer (none of " + ", ".join(TOKENIZER_FILES) + ")",
+                             path=path, hint="copy the tokenizer files of the base model into this folder "
+                             "(save_pretrained of the model alone does not write them)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -156,6 +163,31 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
                          path=name_or_path, hint="pass a local model folder or a hub id available offline") from None
     check_geometry(model.config)
     return Loaded(model, tokenizer, detect_template(model.config, tokenizer), str(name_or_path))
+
+
+def _sincos_positions(model: InternVLForConditionalGeneration) -> None:
+    """Give a random-init vision tower fixed 2D sin-cos position embeddings (MAE-style).
+
+    The native init leaves them at zero, so a fresh preset's image features carry no "where": the
+    demo's which-camera question would first have to learn positions from scratch.
+    """
+    embeddings = model.model.vision_tower.embeddings
+    if embeddings.position_embeddings is None:
+        return
+    dim = embeddings.position_embeddings.shape[-1]
+    side = int(round((embeddings.position_embeddings.shape[1] - 1) ** 0.5))
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        angles = coord[:, None] * freqs[None]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.zeros(side * side + 1, dim)
+    table[1:, : 4 * quarter] = torch.cat(parts, dim=1)
+    with torch.no_grad():
+        embeddings.position_embeddings.copy_(table[None])
 
 
 def _check_native_dir(path: Path) -> None:
