@@ -32,6 +32,7 @@ MEDICAL = Domain(
     eval={"max_new_tokens": 32},
     demo=demo,
     demo_train={"learning_rate": 1e-3, "epochs": 3, "pack_tokens": 8192, "pack_tiles": 28, "workers": 1},
+    demo_eval={"holdout": 0.25, "general_holdout": 16, "max_new_tokens": 16, "batch_size": 8},
     examples=["adapt run --domain medical --general-ratio 0.25 --model /models/InternVL2-2B-hf "
               "--data vqa-rad=/data/vqa_rad/VQA_RAD_public.json --data slake=/data/slake "
               "--general /data/internvl_sft/meta.json"],

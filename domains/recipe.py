@@ -80,13 +80,14 @@ class Domain:
     eval: dict[str, Any] = field(default_factory=dict)
     demo: Callable[[Path, int], tuple[list[DataSource], list[DataSource]]] | None = None
     demo_train: dict[str, Any] = field(default_factory=dict)  # overrides for the tiny CPU demo
+    demo_eval: dict[str, Any] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)  # README-style command lines
 
     def train_defaults(self, demo: bool) -> dict[str, Any]:
         return {**MINI_INTERNVL_TRAIN, **self.train, **(self.demo_train if demo else {})}
 
-    def eval_settings(self) -> dict[str, Any]:
-        return {**DEFAULT_EVAL, **self.eval}
+    def eval_settings(self, demo: bool = False) -> dict[str, Any]:
+        return {**DEFAULT_EVAL, **self.eval, **(self.demo_eval if demo else {})}
 
 
 def load_yaml_domain(path: str | Path) -> Domain:
@@ -99,9 +100,11 @@ def load_yaml_domain(path: str | Path) -> Domain:
         raise AdaptError(f"domain recipe is not valid YAML ({err})", path=path) from None
     if not isinstance(raw, dict) or "name" not in raw:
         raise AdaptError("a domain recipe is a YAML mapping with at least 'name' and 'sources'", path=path)
-    unknown = set(raw) - {"name", "summary", "sources", "general", "train", "eval"}
+    accepted = ("name", "summary", "sources", "general", "train", "eval")
+    unknown = set(raw) - set(accepted)
     if unknown:
-        raise AdaptError(f"unknown key(s) in domain recipe: {', '.join(sorted(unknown))}", path=path)
+        raise AdaptError(f"unknown key(s) in domain recipe: {', '.join(sorted(unknown))}", path=path,
+                         hint=f"a recipe accepts: {', '.join(accepted)} (see domains/recipe.py)")
 
     def sources(key: str) -> list[DataSource]:
         items = raw.get(key) or []

@@ -34,6 +34,7 @@ REMOTE_SENSING = Domain(
     eval={"max_new_tokens": 48},
     demo=demo,
     demo_train={"learning_rate": 1e-3, "epochs": 3, "pack_tokens": 8192, "pack_tiles": 28, "workers": 1},
+    demo_eval={"holdout": 0.25, "general_holdout": 16, "max_new_tokens": 16, "batch_size": 8},
     examples=["adapt run --domain remote_sensing --general-ratio 0.25 --model /models/InternVL2-4B-hf "
               "--data classification=/data/AID --data 'grounding=/data/DIOR-RSVG?split=train' "
               "--data 'rsvqa=/data/RSVQA_LR?split=train' --general /data/internvl_sft/meta.json"],

@@ -285,7 +285,8 @@ def _load_refs(path: Path, allow_pickle: bool) -> Any:
         return load_json(path, "refs file")
     if not allow_pickle:
         raise AdaptError("refusing to unpickle a refs file: unpickling runs code stored in the file", path=path,
-                         hint="convert it to JSON, or pass allow_pickle=True if you trust this file")
+                         hint="convert it to JSON, or pass allow_pickle=True (adapt format: --opt allow_pickle=true) "
+                              "if you trust this file")
     try:
         with open(path, "rb") as handle:
             return pickle.load(handle)

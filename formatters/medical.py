@@ -426,10 +426,12 @@ def generate_pathvqa(source: Path, out: Path, report: Report, *, split: str | No
     """PathVQA question rows -> VQA records; closed exactly for yes/no answers."""
     _reject_unknown("pathvqa", unknown, "split, allow_pickle, images")
     kind, files, split = _pathvqa_input(source, split)
-    if kind == "pickle" and allow_pickle is not True:
+    # only an explicit yes opts in: True from Python, "true" from `adapt format --opt allow_pickle=true`
+    opted_in = allow_pickle is True or (isinstance(allow_pickle, str) and allow_pickle.strip().lower() == "true")
+    if kind == "pickle" and not opted_in:
         raise AdaptError("PathVQA .pkl files are Python pickles, and unpickling an untrusted file runs arbitrary code",
-                         path=files[0], hint="use the parquet mirror, or pass allow_pickle=True (--allow-pickle) "
-                                             "only for a file from a source you trust")
+                         path=files[0], hint="use the parquet mirror, or pass allow_pickle=True (adapt format: "
+                                             "--opt allow_pickle=true) only for a file from a source you trust")
     image_dir = _pickle_images(files[0], split, images) if kind == "pickle" else out / "images"
     if kind == "parquet":
         image_dir.mkdir(parents=True, exist_ok=True)

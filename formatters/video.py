@@ -134,6 +134,10 @@ def generate_video(source: Path, out: Path, report: Report, *, num_frames: int =
         if not clip.exists():
             report.skip(f"video not found: {rel}", path=path, row=line, id=record_id)
             continue
+        escaping = _frame_outside_root(clip, root) if clip.is_dir() else None
+        if escaping:
+            report.skip(escaping, path=path, row=line, id=record_id)
+            continue
         if extract_frames:
             visual = _extracted(clip, rel, out, record_id, num_frames, allow_fewer, report, path, line)
         elif clip.is_dir():
@@ -168,6 +172,17 @@ def _question_answer(row: dict[str, Any], labels: list[str]) -> tuple[str, str, 
         prompt = f"What is happening in this video? Choose one of: {', '.join(labels)}.\nAnswer with the label only."
         return prompt, label, {"answer_type": "closed", "choices": labels}
     return "missing field(s): need question and answer, or label"
+
+
+def _frame_outside_root(folder: Path, root: Path) -> str | None:
+    """Why a frame folder is unusable when one of its frames is a symlink out of the data root, else None
+    (the folder itself was resolved inside the root, its files were not)."""
+    for frame in frame_files(folder):
+        try:
+            resolve_inside(root, frame.relative_to(root.resolve()))
+        except AdaptError as err:
+            return f"{err.message} (a frame of {folder.name})"
+    return None
 
 
 def _too_short(err: TooFewFrames, rel: str) -> str:
