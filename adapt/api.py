@@ -3,18 +3,29 @@ export, one full `run`, and a `sweep` over general-data ratios.
 
     from adapt import api
     result = api.run(domain="driving", general_ratio=0.25)        # demo data + tiny model on CPU
-    table = api.sweep(domain="driving", ratios=[0, 0.25, 0.5])    # one run per ratio, same data
+    rows = api.sweep([0, 0.25, 0.5], domain="driving")            # one run per ratio, same data
+    api.best_ratio(rows)                                          # the row of the best trade-off
 
 A run directory holds everything about one run (README "Run directory"):
     config.yaml  data/  checkpoints/  eval/  export/  logs/
+
+Several processes (`torchrun` / `accelerate launch ... -m adapt.cli run`): every rank calls `run`;
+see its docstring for who does what.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
+import shutil
 import time
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,9 +38,11 @@ from adapt import evaluation, mixing, models
 from adapt.errors import AdaptError, Report
 from adapt.fileio import atomic_write_text
 from adapt.records import Record
+from adapt.samples import SampleBuilder
 from adapt.training import TrainConfig, make_builder, train
 from domains import DataSource, Domain
 from domains import get as get_domain
+from domains.recipe import DEFAULT_EVAL
 from formatters.base import run as run_formatter
 
 KEY_PACKAGES = ("adapt", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "nuscenes-devkit",
@@ -48,7 +61,39 @@ def package_versions() -> dict[str, str]:
 
 
 def say(message: str) -> None:
-    print(f"[adapt] {message}", flush=True)
+    if is_main_process():
+        print(f"[adapt] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# several processes (torchrun / accelerate launch)
+# ----------------------------------------------------------------------------------------------
+# How long the other ranks wait for the main process (formatting a real dataset, evaluating).
+DIST_TIMEOUT = timedelta(seconds=int(os.environ.get("ADAPT_DIST_TIMEOUT", 4 * 3600)))
+
+
+def is_main_process() -> bool:
+    """True in a single process and on global rank 0 of a launch (it alone prints and writes)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def processes():
+    """accelerate's process state. Initialising it here (with adapt's timeout) starts the process
+    group under a launcher before anything needs it; the Trainer later reuses that group."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=DIST_TIMEOUT)
+
+
+def agreed(value: Any) -> Any:
+    """`value` as the main process has it, on every rank: a timestamped name is decided once."""
+    if processes().num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,26 +125,68 @@ class RunConfig:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A run config YAML (configs/<domain>/<model>.yaml): RunConfig keys, safe-loaded."""
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
+    """Safe-load a YAML file (tags like !!python/object are refused, never executed)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdaptError("config file not found", path=path) from None
+    except UnicodeDecodeError:
+        raise AdaptError("config file is not UTF-8 text", path=path) from None
     except yaml.YAMLError as err:
-        raise AdaptError(f"config file is not valid YAML ({err})", path=path) from None
-    if not isinstance(raw, dict):
-        raise AdaptError("a config file is a YAML mapping of run options", path=path)
-    unknown = set(raw) - set(RunConfig.__dataclass_fields__)
+        raise AdaptError(f"config file is not valid YAML ({err})", path=path,
+                         hint="fix the YAML at the line shown (plain keys and values only)") from None
+
+
+def check_run_options(options: dict[str, Any], path: Path | None = None) -> None:
+    """Refuse unknown keys and values of the wrong type (`general_ratio: a quarter`) with the file
+    named, before anything runs: RunConfig itself accepts anything and would fail much later."""
+    fields = RunConfig.__dataclass_fields__
+    unknown = set(options) - set(fields)
     if unknown:
         raise AdaptError(f"unknown config key(s): {', '.join(sorted(unknown))}", path=path,
-                         hint=f"accepted: {', '.join(RunConfig.__dataclass_fields__)}")
+                         hint=f"accepted: {', '.join(fields)}")
+    hints = typing.get_type_hints(RunConfig)
+    for key, value in options.items():
+        hint = hints[key]
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = tuple({typing.get_origin(a) or a for a in allowed})
+        ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+        ok = ok or (float in kinds and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise AdaptError(f"config key {key} is {value!r} ({type(value).__name__}), expected {expected}",
+                             path=path, hint=f"e.g. {key}: {getattr(RunConfig(), key)!r}")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A run config YAML (configs/<domain>/<model>.yaml): RunConfig keys, safe-loaded and checked."""
+    path = Path(path)
+    raw = _read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise AdaptError("a config file is a YAML mapping of run options", path=path)
+    check_run_options(raw, path)
     return raw
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The RunConfig a run directory's config.yaml saved (for --resume, eval and export)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise AdaptError("not a run directory (no config.yaml)", path=run_dir)
+    raw = _read_yaml(path)
+    saved = raw.get("run") if isinstance(raw, dict) else None
+    if not isinstance(saved, dict):
+        raise AdaptError("config.yaml has no 'run' mapping", path=path,
+                         hint="this file is written at the start of every run; restore it or start a new run")
+    check_run_options(saved, path)
+    return RunConfig(**saved)
 
 
 def resolve(config: RunConfig) -> tuple[Domain, TrainConfig, dict[str, Any]]:
     """The domain recipe, the full TrainConfig (recipe defaults < config) and eval settings."""
+    check_run_options(config.to_dict())
     domain = get_domain(config.domain)
     if not 0 <= config.general_ratio < 1:
         raise AdaptError(f"--general-ratio {config.general_ratio} is outside [0, 1)",
@@ -107,7 +194,12 @@ def resolve(config: RunConfig) -> tuple[Domain, TrainConfig, dict[str, Any]]:
     if config.demo and domain.demo is None:
         raise AdaptError(f"domain {domain.name!r} has no demo data", hint="pass --data KIND=PATH")
     train_config = TrainConfig.from_dict({**domain.train_defaults(config.demo), "seed": config.seed, **config.train})
-    return domain, train_config, {**domain.eval_settings(), **config.eval}
+    eval_settings = {**domain.eval_settings(config.demo), **config.eval}
+    unknown = sorted(set(eval_settings) - set(DEFAULT_EVAL))
+    if unknown:
+        raise AdaptError(f"unknown eval setting(s): {', '.join(unknown)}",
+                         hint=f"the eval section of a recipe or run config accepts: {', '.join(DEFAULT_EVAL)}")
+    return domain, train_config, eval_settings
 
 
 def run_name(config: RunConfig) -> str:
@@ -142,6 +234,56 @@ def demo_sources(domain: Domain, folder: Path, seed: int) -> tuple[list[DataSour
     return data, general
 
 
+def source_lists(config: RunConfig, domain: Domain, folder: Path) -> tuple[list[DataSource], list[DataSource]]:
+    """The run's domain and general sources: the domain demo's (written under folder/sources) when
+    no data is given, else config.data and config.general (the recipe's general data by default)."""
+    if config.demo:
+        return demo_sources(domain, folder / "sources", config.seed)
+    return ([DataSource(**d) for d in config.data],
+            [DataSource(**g) for g in config.general] or list(domain.general))
+
+
+def data_sources(items: Sequence[str | dict[str, Any] | DataSource], *, general: bool = False,
+                 ) -> list[dict[str, Any]]:
+    """RunConfig.data / .general entries from what the CLI takes (`KIND=PATH[?key=value&...]`; for
+    general data a bare path means `general=PATH`), dicts or DataSources."""
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            text = item if "=" in item or not general else f"general={item}"
+            item = DataSource.parse(text, where="--general" if general else "--data")
+        out.append(item.to_dict() if isinstance(item, DataSource) else DataSource(**item).to_dict())
+    return out
+
+
+def format_data(config: RunConfig, folder: str | Path) -> dict[str, list[Path]]:
+    """Format a run's sources as `run` does, without training: {"domain": [...], "general": [...]}
+    formatted folders. The layout (folder/sources, folder/formatted/<label>) is a run's shared data
+    folder, so `run(config, shared_dir=folder)` and `sweep(..., shared_dir=folder)` reuse it."""
+    folder = Path(folder)
+    domain, _, _ = resolve(config)
+    out: dict[str, list[Path]] = {"domain": [], "general": []}
+    for kind, items in zip(("domain", "general"), source_lists(config, domain, folder)):
+        for item in items:
+            format_source(item, folder / "formatted" / item.label, strict=config.strict)
+            out[kind].append(folder / "formatted" / item.label)
+    return out
+
+
+def load_records(path: str | Path, *, kind: str = "domain", strict: bool = False) -> list[tuple[Record, str]]:
+    """(record, image root) pairs of a formatted folder, InternVL meta file or JSONL (to look at them)."""
+    report = Report(name=Path(path).name, strict=strict)
+    return [(record, source.root) for source in mixing.load_sources(path, kind=kind, report=report)
+            for record in source.records]
+
+
+def sample_builder(config: RunConfig) -> tuple[models.Loaded, SampleBuilder]:
+    """The model (tokenizer, template) and the training SampleBuilder a run with `config` uses."""
+    _, train_config, _ = resolve(config)
+    loaded = load_model(config, train_config)
+    return loaded, make_builder(loaded, train_config)
+
+
 @dataclass
 class PreparedData:
     mixture: mixing.Mixture
@@ -158,11 +300,7 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
         return PreparedData(mixing.Mixture.load(mixture_dir),
                             {k: [(r, root) for r, root in v] for k, v in held.items()})
     formatted_dir = (shared_dir or data_dir) / "formatted"
-    if config.demo:
-        data, general = demo_sources(domain, (shared_dir or data_dir) / "sources", config.seed)
-    else:
-        data = [DataSource(**d) for d in config.data]
-        general = [DataSource(**g) for g in config.general] or domain.general
+    data, general = source_lists(config, domain, shared_dir or data_dir)
     if config.general_ratio > 0 and not general:
         raise AdaptError("--general-ratio > 0 but no general data was given",
                          hint="pass --general /path/to/internvl_meta.json (or --general-ratio 0)")
@@ -209,7 +347,10 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
 def load_model(config: RunConfig, train_config: TrainConfig) -> models.Loaded:
     name = config.model or DEMO_MODEL
     dtype = None if train_config.precision in ("auto", "fp32") else train_config.precision
-    return models.load(name, dtype=dtype, attn_implementation=train_config.attn_implementation, seed=config.seed)
+    # "auto" / "torch_varlen" are chosen per run by training.train (varlen kernels cannot generate): load with SDPA
+    attn = train_config.attn_implementation
+    attn = "sdpa" if attn in ("auto", "torch_varlen") else attn
+    return models.load(name, dtype=dtype, attn_implementation=attn, seed=config.seed)
 
 
 @dataclass
@@ -226,68 +367,111 @@ class RunResult:
                 "general_before": pick(self.before, "general", "score"),
                 "general_after": pick(self.after, "general", "score"),
                 "general_loss_before": pick(self.before, "general", "answer_loss"),
-                "general_loss_after": pick(self.after, "general", "answer_loss")}
+                "general_loss_after": pick(self.after, "general", "answer_loss"),
+                "domain_loss_before": pick(self.before, "domain", "answer_loss"),
+                "domain_loss_after": pick(self.after, "domain", "answer_loss")}
 
 
 def run(config: RunConfig | None = None, *, resume: str | Path | None = None, shared_dir: str | Path | None = None,
         export: bool = True, progress: bool = True, **overrides: Any) -> RunResult:
-    """Format, mix, evaluate (before), train, evaluate (after), export: one run directory."""
+    """Format, mix, evaluate (before), train, evaluate (after), export: one run directory.
+
+    Under torchrun / accelerate launch every rank calls this with the same arguments. The run
+    directory name is decided on the main process and broadcast (so a timestamped name is the
+    same everywhere; --name works too); the main process writes config.yaml and prepares the data
+    while the others wait, then they load what it saved; every rank trains; the main process
+    evaluates and exports while the others wait; every rank returns the same result. Multi-node
+    runs need runs_dir (and shared_dir) on a filesystem all nodes share.
+
+    `shared_dir` holds data that several runs reuse (formatted sources, the base model's
+    evaluation when the held-out sets and settings match); `sweep` passes one.
+    """
+    state = processes()
+    main = state.is_main_process
     if resume is not None:
         run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise AdaptError("not a run directory (no config.yaml)", path=run_dir)
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["run"]
-        config = RunConfig(**saved)
+        config = read_run_config(run_dir)
     else:
         config = config or RunConfig()
         for key, value in overrides.items():
             if key not in RunConfig.__dataclass_fields__:
                 raise AdaptError(f"unknown run option {key!r}")
             setattr(config, key, value)
-        run_dir = Path(config.runs_dir) / run_name(config)
+        run_dir = None
     domain, train_config, eval_settings = resolve(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config.demo:
-        say(f"no --data given: running the {domain.name} DEMO (synthetic data in the real formats, "
-            f"the random-init '{DEMO_MODEL}' model on {'GPU' if torch.cuda.is_available() else 'CPU'})")
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
-        {"run": config.to_dict(), "train": train_config.__dict__, "eval": eval_settings,
-         "versions": package_versions()}, sort_keys=False))
+    run_dir = run_dir or Path(config.runs_dir) / agreed(run_name(config))
+    shared = Path(shared_dir) if shared_dir else None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.demo:
+            say(f"no --data given: running the {domain.name} DEMO (synthetic data in the real formats, "
+                f"the random-init '{DEMO_MODEL}' model on {'GPU' if torch.cuda.is_available() else 'CPU'})")
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+            {"run": config.to_dict(), "train": train_config.__dict__, "eval": eval_settings,
+             "versions": package_versions()}, sort_keys=False))
     loaded = load_model(config, train_config)
-    data = prepare_data(config, domain, train_config, eval_settings, run_dir / "data", loaded,
-                        shared_dir=Path(shared_dir) if shared_dir else None)
+    with state.main_process_first():  # the others then load the mixture the main process saved
+        data = prepare_data(config, domain, train_config, eval_settings, run_dir / "data", loaded, shared_dir=shared)
     eval_builder = make_builder(loaded, train_config, train=False)
     eval_kwargs = {"batch_size": eval_settings["batch_size"], "max_new_tokens": eval_settings["max_new_tokens"]}
-    before_path = run_dir / "eval" / "before.json"
-    if before_path.is_file():
-        before = json.loads(before_path.read_text())
-    else:
-        say("evaluating the model before fine-tuning")
-        before = evaluation.evaluate(loaded, eval_builder, data.heldout, **eval_kwargs)
-        evaluation.save_report(before, before_path)
+    before_path, after_path = run_dir / "eval" / "before.json", run_dir / "eval" / "after.json"
+    if main and not before_path.is_file():
+        cached = base_eval_cache(shared, config, train_config, eval_kwargs, run_dir / "data" / "heldout.json")
+        if cached is not None and cached.is_file():
+            say(f"the model before fine-tuning was evaluated on these held-out sets already ({cached})")
+            before_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, before_path)
+        else:
+            say("evaluating the model before fine-tuning")
+            before = evaluation.evaluate(loaded, eval_builder, data.heldout, **eval_kwargs)
+            evaluation.save_report(before, before_path)
+            if cached is not None:
+                evaluation.save_report(before, cached)
     say(f"training ({train_config.mode}) on {len(data.mixture.entries)} samples")
     result = train(loaded, data.mixture.entries, train_config, run_dir / "checkpoints", resume=resume is not None,
                    logging_dir=run_dir / "logs", progress=progress)
     say(result.trainable)
-    trained = models.Loaded(result.model, loaded.tokenizer, loaded.template, loaded.source)
-    say("evaluating the fine-tuned model")
-    after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs)
-    evaluation.save_report(after, run_dir / "eval" / "after.json")
-    table = evaluation.comparison_markdown(before, after)
-    atomic_write_text(run_dir / "eval" / "report.md", f"# {run_dir.name}\n\n{table}")
-    say("before vs after:\n" + table)
-    export_dir = None
-    if export:
-        from adapt.export import export_model
+    export_dir = run_dir / "export" if export else None
+    if main:
+        before = json.loads(before_path.read_text())
+        model = result.model if result.final_dir is None else from_checkpoint(result.final_dir, config, train_config).model
+        trained = models.Loaded(model, loaded.tokenizer, loaded.template, loaded.source)
+        say("evaluating the fine-tuned model")
+        after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs)
+        evaluation.save_report(after, after_path)
+        table = evaluation.comparison_markdown(before, after)
+        atomic_write_text(run_dir / "eval" / "report.md", f"# {run_dir.name}\n\n{table}")
+        say("before vs after:\n" + table)
+        if export_dir is not None:
+            from adapt.export import export_model
 
-        card = {"base_model": config.model or f"{DEMO_MODEL} (random init demo)", "domain": domain.name,
-                "mixture": json.loads((run_dir / "data" / "mixture" / "manifest.json").read_text()),
-                "metrics": {"before": _headlines(before), "after": _headlines(after)},
-                "training": train_config.__dict__}
-        export_dir = export_model(result.model, loaded.tokenizer, loaded.template, run_dir / "export", card=card,
-                                  overwrite=True, max_tiles=train_config.max_tiles)
-        say(f"exported to {export_dir}")
-    return RunResult(run_dir, before, after, export_dir, result.steps)
+            card = {"base_model": config.model or f"{DEMO_MODEL} (random init demo)", "domain": domain.name,
+                    "mixture": json.loads((run_dir / "data" / "mixture" / "manifest.json").read_text()),
+                    "metrics": {"before": _headlines(before), "after": _headlines(after)},
+                    "training": train_config.__dict__}
+            export_dir = export_model(model, loaded.tokenizer, loaded.template, export_dir, card=card,
+                                      overwrite=True, max_tiles=train_config.max_tiles)
+            say(f"exported to {export_dir}")
+    state.wait_for_everyone()
+    return RunResult(run_dir, json.loads(before_path.read_text()), json.loads(after_path.read_text()), export_dir,
+                     result.steps)
+
+
+def base_eval_cache(shared_dir: Path | None, config: RunConfig, train_config: TrainConfig,
+                    eval_kwargs: dict[str, Any], heldout_file: Path) -> Path | None:
+    """Where the base model's evaluation is kept for runs that share `shared_dir`: the ratios of a
+    sweep hold out the same sets from the same sources, so the model before fine-tuning scores the
+    same. Keyed by everything it depends on (held-out sets, model and its files, seed, sample and
+    generation settings); None without a shared folder."""
+    if shared_dir is None:
+        return None
+    model = config.model or DEMO_MODEL
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model).glob("*")) \
+        if Path(model).is_dir() else []
+    key = json.dumps({"heldout": hashlib.sha256(heldout_file.read_bytes()).hexdigest(), "model": model,
+                      "files": files, "seed": config.seed, "train": train_config.__dict__, "eval": eval_kwargs},
+                     sort_keys=True, default=str)
+    return shared_dir / "base-eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def _headlines(report: dict[str, Any]) -> dict[str, Any]:
@@ -295,32 +479,59 @@ def _headlines(report: dict[str, Any]) -> dict[str, Any]:
                    "tasks": s.get("tasks")} for name, s in report.items()}
 
 
-def sweep(ratios: list[float], *, domain: str = "driving", runs_dir: str = "runs", name: str = "sweep",
-          **overrides: Any) -> list[dict[str, Any]]:
-    """One run per general ratio over the same formatted data; returns one row per ratio."""
-    base = Path(runs_dir) / f"{name}-{Path(domain).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+def sweep(ratios: Sequence[float], *, domain: str = "driving", runs_dir: str | Path = "runs", name: str = "sweep",
+          shared_dir: str | Path | None = None, progress: bool = True, **overrides: Any) -> list[dict[str, Any]]:
+    """One run per general ratio over the same formatted data (formatted once, in `shared_dir`,
+    default <sweep>/shared); `overrides` are RunConfig fields (model, train, eval, seed, data, ...).
+
+    Returns one flat row per ratio (general_ratio, steps, domain/general score and answer loss
+    before and after, run_dir), ready for `pandas.DataFrame(rows)`; also saved as <sweep>/sweep.json.
+    """
+    base = Path(runs_dir) / agreed(f"{name}-{Path(domain).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    shared = Path(shared_dir) if shared_dir else base / "shared"
     rows = []
     for ratio in ratios:
         config = RunConfig(domain=domain, general_ratio=ratio, runs_dir=str(base), name=f"r{ratio:g}", **overrides)
-        result = run(config, shared_dir=base / "shared", export=False)
-        rows.append({"general_ratio": ratio, **result.scores(), "run_dir": str(result.run_dir)})
-    atomic_write_text(base / "sweep.json", json.dumps(rows, indent=2))
+        result = run(config, shared_dir=shared, export=False, progress=progress)
+        rows.append({"general_ratio": ratio, "steps": result.steps, **result.scores(), "run_dir": str(result.run_dir)})
+    if is_main_process():
+        atomic_write_text(base / "sweep.json", json.dumps(rows, indent=2))
     return rows
+
+
+def best_ratio(rows: Sequence[dict[str, Any]], *, tolerance: float = 0.1) -> dict[str, Any]:
+    """The sweep row with the best domain/general trade-off.
+
+    A ratio keeps general skill when its general answer loss after training is within `tolerance`
+    (relative: 0.1 = 10%) of the lowest general answer loss of the sweep; the answer loss is the
+    teacher-forced loss of the held-out general answers, which moves smoothly where a small model's
+    generations are all wrong. Among those ratios the best has the highest domain score; ties go to
+    the lower domain answer loss, then to the smaller ratio (less general data to train on).
+    """
+    if not rows:
+        raise AdaptError("best_ratio needs at least one sweep row")
+    losses = [r["general_loss_after"] for r in rows if r.get("general_loss_after") is not None]
+    limit = min(losses) * (1 + tolerance) if losses else None
+    keeps = [r for r in rows if limit is None or r.get("general_loss_after") is None
+             or r["general_loss_after"] <= limit]
+
+    def rank(row: dict[str, Any]) -> tuple[float, float, float]:
+        score, loss = row.get("domain_after"), row.get("domain_loss_after")
+        return (-(score if score is not None else float("-inf")), loss if loss is not None else float("inf"),
+                row["general_ratio"])
+
+    return min(keeps, key=rank)
 
 
 def _load_run(run_dir: str | Path) -> tuple[Path, RunConfig, TrainConfig, dict[str, Any]]:
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise AdaptError("not a run directory (no config.yaml)", path=run_dir)
-    config = RunConfig(**yaml.safe_load((run_dir / "config.yaml").read_text())["run"])
+    config = read_run_config(run_dir)
     _, train_config, eval_settings = resolve(config)
     return run_dir, config, train_config, eval_settings
 
 
 def load_trained(run_dir: str | Path) -> models.Loaded:
     """The model of a run's last complete checkpoint (LoRA adapters applied onto the base model)."""
-    from transformers import InternVLForConditionalGeneration
-
     from adapt.training import last_complete_checkpoint
 
     run_dir, config, train_config, _ = _load_run(run_dir)
@@ -328,6 +539,13 @@ def load_trained(run_dir: str | Path) -> models.Loaded:
     if checkpoint is None:
         raise AdaptError("the run has no complete checkpoint yet", path=run_dir / "checkpoints",
                          hint="resume the run (adapt run --resume RUN_DIR) or lower --save-steps")
+    return from_checkpoint(checkpoint, config, train_config)
+
+
+def from_checkpoint(checkpoint: Path, config: RunConfig, train_config: TrainConfig) -> models.Loaded:
+    """A saved trained model: a whole one, or LoRA adapters applied onto the run's base model."""
+    from transformers import InternVLForConditionalGeneration
+
     base = load_model(config, train_config)
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel

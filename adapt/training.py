@@ -7,6 +7,9 @@ DDP / FSDP / DeepSpeed, logging and checkpoint/resume; this module adds what it 
     the same order for the same seed, and the same batches after a resume;
   * uint8 tiles normalised on the device, logits computed only where a label is supervised
     (the vocabulary projection of 3k image tokens is the largest tensor of a step otherwise);
+  * varlen attention over packed rows on a GPU (`attn_implementation: auto`, see adapt.attention),
+    per-module gradient checkpointing, pinned non-blocking copies, workers sized to the machine
+    (each switchable, so benchmarks/train_throughput.py can show what it buys);
   * the token / sample / square loss reduction normalised over the whole optimizer step;
   * a divergence guard and checkpoints that count only once completely written.
 """
@@ -18,6 +21,9 @@ import os
 import random
 import re
 import shutil
+import types
+import typing
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,13 +31,16 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
+from adapt.attention import resolve_attn_implementation
 from adapt.batching import Collator, pack_bins
 from adapt.errors import AdaptError, Report
 from adapt.fileio import atomic_write_text
 from adapt.models import Loaded, count_parameters
-from adapt.records import Record
+from adapt.records import Record, images_of
 from adapt.samples import SampleBuilder, SampleDropped, plan_all
 from adapt.templates import IGNORE_INDEX, Encoder
 from adapt.tiling import TilingPolicy, normalize
@@ -42,6 +51,12 @@ LLM_LORA_TARGETS = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|
                     r"|gate_up_proj)")
 VISION_LORA_TARGETS = r".*vision_tower.*\.(q_proj|k_proj|v_proj|projection_layer|fc1|fc2)"
 COMPLETE_MARKER = "adapt-complete.json"
+# What a sample that fails to decode at training time becomes (with its labels ignored).
+STAND_IN: Record = {"id": "dropped", "conversations": [{"from": "human", "value": "."},
+                                                  {"from": "gpt", "value": "."}]}
+CHECKPOINTING = ("none", "llm", "vision", "all")
+LOGITS = ("supervised", "full")
+NORMALIZE_ON = ("device", "host")
 
 
 @dataclass
@@ -75,13 +90,16 @@ class TrainConfig:
     min_tiles: int = 1
     jpeg_augment: bool = False
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool | str = "none"  # none | llm | vision | all (true = all, false = none)
+    attn_implementation: str = "auto"  # auto (flash_attn or torch varlen on a GPU, else sdpa) | sdpa | eager | flash_attention_2 | torch_varlen
+    logits: str = "supervised"  # supervised (logits only where a label is) | full (every position; to compare)
+    normalize: str = "device"  # device (uint8 tiles, normalised there) | host (float in the worker; to compare)
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 10
     seed: int = 0
-    workers: int = 2
+    workers: int | None = None  # None: min(8, cpus // ranks per node) on a GPU, 2 on CPU
+    pin_memory: bool = True  # pinned host batches and non-blocking copies to the GPU
     on_nan: str = "stop"  # stop | skip
     system: str | None = None
     max_grad_norm: float = 1.0
@@ -93,7 +111,8 @@ class TrainConfig:
         if unknown:
             raise AdaptError(f"unknown training option(s): {', '.join(unknown)}",
                              hint="see adapt.training.TrainConfig for the accepted keys")
-        config = cls(**data)
+        hints = typing.get_type_hints(cls)
+        config = cls(**{key: _coerce_option(key, value, hints[key]) for key, value in data.items()})
         config.validate()
         return config
 
@@ -110,6 +129,56 @@ class TrainConfig:
             raise AdaptError(f"unknown on_nan policy {self.on_nan!r}", hint="use stop or skip")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise AdaptError(f"unknown precision {self.precision!r}", hint="use auto, bf16, fp16 or fp32")
+        self.gradient_checkpointing = checkpointing_choice(self.gradient_checkpointing)
+        if self.logits not in LOGITS:
+            raise AdaptError(f"unknown logits choice {self.logits!r}", hint="use supervised or full")
+        if self.normalize not in NORMALIZE_ON:
+            raise AdaptError(f"unknown normalize choice {self.normalize!r}", hint="use device or host")
+        if self.workers is not None and self.workers < 0:
+            raise AdaptError(f"workers must be 0 or more, not {self.workers}")
+        if self.save_total_limit == 1:  # the Trainer deletes the previous one before the new one is marked complete
+            raise AdaptError("save_total_limit 1 can leave no complete checkpoint when a run is killed while saving",
+                             hint="keep at least 2 (the default), or 0 to keep every checkpoint")
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce_option(name: str, value: Any, hint: Any) -> Any:
+    """A training option as its declared type. `--train-opt` values arrive as strings and YAML reads
+    `1e-4` as one; a string "false" left as is would be truthy and silently turn packing on."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = [typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,))]
+    if isinstance(value, str) and str not in kinds:
+        text = value.strip()
+        if type(None) in kinds and text.lower() in ("none", "null"):
+            return None
+        if bool in kinds and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        for kind in (int, float):
+            if kind in kinds:
+                try:
+                    return kind(text)
+                except ValueError:
+                    pass
+        if list in kinds:
+            return [part.strip() for part in text.split(",") if part.strip()]
+    numeric = float in kinds and isinstance(value, int)
+    if (isinstance(value, bool) and bool not in kinds) or not (numeric or isinstance(value, tuple(kinds))):
+        expected = " or ".join("none" if k is type(None) else k.__name__ for k in kinds)
+        raise AdaptError(f"training option {name}={value!r} is not of type {expected}",
+                         hint=f"e.g. {name}: {getattr(TrainConfig(), name)!r}")
+    return value
+
+
+def checkpointing_choice(value: bool | str) -> str:
+    """The gradient checkpointing choice, accepting the old booleans (configs written before the choice)."""
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    if value not in CHECKPOINTING:
+        raise AdaptError(f"unknown gradient_checkpointing choice {value!r}",
+                         hint=f"use one of: {', '.join(CHECKPOINTING)} (where activations are recomputed)")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +234,34 @@ def apply_tuning_mode(model: torch.nn.Module, config: TrainConfig) -> torch.nn.M
                       target_modules=targets,
                       modules_to_save=["multi_modal_projector"] if config.lora_train_projector else None)
     peft_model = get_peft_model(model, lora)
-    if config.gradient_checkpointing:
+    if checkpointing_choice(config.gradient_checkpointing) != "none":
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, which: bool | str) -> None:
+    """Recompute activations in the LLM, the vision tower, or both (not the whole model blindly: the
+    frozen tower of mlp+llm / LoRA keeps no activations anyway, and a 1B LLM may fit without)."""
+    which = checkpointing_choice(which)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    parts = {"none": (), "llm": ("language_model",), "vision": ("vision_tower",),
+             "all": ("language_model", "vision_tower")}[which]
+    for name in parts:
+        getattr(base.model, name).activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def resolve_workers(workers: int | None, *, cuda: bool | None = None, cpus: int | None = None) -> int:
+    """Dataloader workers: an explicit number is kept; by default enough to keep a GPU busy
+    (min(8, cpus // ranks on this node)), or 2 on CPU where the workers compete with the model."""
+    if workers is not None:
+        return workers
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return 2
+    cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return max(1, min(8, cpus // max(1, local_ranks)))
 
 
 def describe_trainable(model: torch.nn.Module) -> str:
@@ -194,11 +288,31 @@ class MixtureDataset(Dataset):
         record, root = self.entries[index]
         try:
             sample = self.builder.build(record, root, index=index, epoch=epoch)
-        except SampleDropped:
-            return None  # already planned once; a file that broke since then must not stop the run
+        except SampleDropped as err:
+            # Planned from image headers, but the pixels do not decode (a truncated file, or one that
+            # broke since): say which, and put a stand-in without supervised tokens in its place, so a
+            # batch holding only this sample does not stop the run.
+            warnings.warn(f"sample {record.get('id', index)} dropped while training: {err}", RuntimeWarning,
+                          stacklevel=1)
+            sample = self.builder.build(STAND_IN, root, index=index, epoch=epoch)
+            sample.id, padding = f"dropped:{record.get('id', index)}", True
         if padding:
             sample.labels.fill_(IGNORE_INDEX)
         return sample
+
+
+class HostNormalized:
+    """Collator wrapper that normalises tiles to float32 in the worker (`normalize: host`): the plain
+    path, 4x the bytes to pin and copy; kept only so the device path's gain can be measured."""
+
+    def __init__(self, collator: Collator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: Sequence) -> dict[str, torch.Tensor]:
+        batch = self.collator(items)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = normalize(batch["pixel_values"], torch.float32)
+        return batch
 
 
 class RankBatchSampler(Sampler):
@@ -261,24 +375,46 @@ class DivergenceError(AdaptError):
     pass
 
 
+def varlen_kwargs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Sample boundaries of a packed row (cu_seq_lens, max_length) for mask-free varlen attention
+    (flash_attention_2, torch_varlen), from the restarting position ids, once per step: left to HF,
+    every layer would re-derive them and sync the device to do so. Empty for padded batches and for
+    masked attention (SDPA, eager)."""
+    config = getattr(model, "module", model).config  # DDP / FSDP / DeepSpeed keep the model in .module
+    text_config = getattr(config, "text_config", config)
+    implementation = getattr(text_config, "_attn_implementation", None)
+    if ("position_ids" not in inputs or "attention_mask" in inputs or inputs["position_ids"].shape[0] != 1
+            or ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) is not flash_attention_mask):
+        return {}
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(inputs["position_ids"])
+    return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q), "max_length_k": int(max_k)}
+
+
 def supervised_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], denominator: torch.Tensor | None,
-                    ) -> torch.Tensor:
-    """sum(w * CE) / denominator, with logits computed only at positions that predict a label."""
+                    logits: str = "supervised") -> torch.Tensor:
+    """sum(w * CE) / denominator, with logits computed only at positions that predict a label
+    (`logits="full"` projects every position and selects afterwards: same loss, to compare)."""
     labels, weights = batch["labels"], batch["loss_weights"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = weights[:, 1:] > 0
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs.update(varlen_kwargs(model, inputs))
     if "pixel_values" in batch:
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         inputs["pixel_values"] = normalize(batch["pixel_values"], dtype)
     if not keep.any():  # nothing supervised (padding item): keep the graph, contribute zero
         out = model(**inputs, use_cache=False, logits_to_keep=1)
         return out.logits.sum() * 0.0
-    out = model(**inputs, use_cache=False, logits_to_keep=keep)
-    logits = out.logits.float().reshape(-1, out.logits.shape[-1])
+    if logits == "full":
+        out = model(**inputs, use_cache=False)
+        selected = out.logits[keep]
+    else:
+        out = model(**inputs, use_cache=False, logits_to_keep=keep)
+        selected = out.logits
+    selected = selected.float().reshape(-1, selected.shape[-1])
     targets = labels[:, 1:][keep[:, :-1]]
-    w = weights[:, 1:][keep[:, :-1]].to(logits.dtype)
-    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    w = weights[:, 1:][keep[:, :-1]].to(selected.dtype)
+    ce = torch.nn.functional.cross_entropy(selected, targets, reduction="none")
     total = (ce * w).sum()
     return total / (w.sum() if denominator is None else denominator)
 
@@ -288,10 +424,13 @@ class AdaptTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, batch_sampler_factory=None, on_nan: str = "stop", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batch_sampler_factory=None, on_nan: str = "stop", logits: str = "supervised",
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.batch_sampler_factory, self.on_nan = batch_sampler_factory, on_nan
-        self.skipped_steps = 0
+        self.batch_sampler_factory, self.on_nan, self.logits = batch_sampler_factory, on_nan, logits
+        self.skipped_steps, self.nonfinite_in_step = 0, False
+        if on_nan == "skip":
+            self.add_callback(SkipNonFiniteSteps(self))
 
     def get_train_dataloader(self) -> DataLoader:
         sampler = self.batch_sampler_factory(self.args.world_size, self.args.process_index)
@@ -305,6 +444,18 @@ class AdaptTrainer(Trainer):
             shard.num_processes, shard.process_index = 1, 0  # our sampler already shards by rank
         return prepared
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Checkpoint weights back in as `from_pretrained` reads them. The Trainer's own loader is a
+        non-strict `load_state_dict` on the file's keys, but `save_pretrained` writes InternVL's hub
+        names (language_model.model.* for model.language_model.*): nothing matched, and a resumed full
+        or partial run silently went on from the base weights (transformers#43701)."""
+        model = self.model if model is None else model
+        if not isinstance(model, PreTrainedModel) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # PEFT adapters, sharded states
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The loss denominator of one optimizer step: sum of loss weights over micro-batches and ranks."""
         if not batch_samples:
@@ -317,16 +468,19 @@ class AdaptTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         inputs.pop("sample_index", None)
-        loss = supervised_loss(model, inputs, num_items_in_batch)
+        loss = supervised_loss(model, inputs, num_items_in_batch, logits=self.logits)
         if self.args.world_size > 1 and num_items_in_batch is not None:
             loss = loss * self.args.world_size  # DDP averages gradients; the denominator is already global
         if not torch.isfinite(loss):
-            if self.on_nan == "skip":
-                self.skipped_steps += 1
-                return loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+            if self.on_nan == "skip":  # SkipNonFiniteSteps drops this step's update
+                self.nonfinite_in_step = True
+                return loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # a graph all the same, so every rank's backward runs
+            step = self.state.global_step + 1
+            complete = [path for _, path, done in _checkpoints(Path(self.args.output_dir)) if done]
+            kept = (f"the last complete checkpoint {complete[-1]} is kept" if complete
+                    else f"no checkpoint was complete yet in {self.args.output_dir}")
             raise DivergenceError(
-                f"loss became {loss.item()} at step {self.state.global_step}; training stopped and the last good "
-                f"checkpoint is kept in {self.args.output_dir}",
+                f"loss became {loss.item()} at step {step}; training stopped and {kept}",
                 hint="lower the learning rate, check the data, resume with --resume, or set on_nan: skip")
         return (loss, None) if return_outputs else loss
 
@@ -346,23 +500,47 @@ class CompletedCheckpoints(TrainerCallback):
         return control
 
 
+class SkipNonFiniteSteps(TrainerCallback):
+    """on_nan=skip: a step whose loss was not finite on any rank makes no update at all. Zeroed
+    gradients are not enough: the NaN reaches them through the graph, and AdamW would still move
+    every weight on its momentum; the optimizer skips parameters that have no gradient."""
+
+    def __init__(self, trainer: AdaptTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        flag = torch.tensor(float(trainer.nonfinite_in_step), device=args.device)
+        trainer.nonfinite_in_step = False
+        if args.world_size > 1:
+            flag = trainer.accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0:
+            trainer.model.zero_grad(set_to_none=True)
+            trainer.skipped_steps += 1
+        return control
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) of each checkpoint-N folder, oldest first."""
+    found = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path, (path / COMPLETE_MARKER).is_file()))
+    return sorted(found)
+
+
 def last_complete_checkpoint(folder: str | Path) -> Path | None:
     """The newest checkpoint carrying the completion marker; half-written ones are set aside."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if not match or not path.is_dir():
-            continue
-        if (path / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), path))
-        else:
+    complete = []
+    for _, path, done in _checkpoints(Path(folder)):
+        if done:
+            complete.append(path)
+        elif int(os.environ.get("RANK", "0")) == 0:  # every rank reads the same answer; one moves folders
             aside = path.with_name(f".incomplete-{path.name}")
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
-    return max(found)[1] if found else None
+    return complete[-1] if complete else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,6 +554,10 @@ class TrainResult:
     dropped: Report
     log_history: list[dict[str, Any]]
     trainable: str
+    # FSDP / ZeRO-3 leave each rank a shard of `model`: the gathered weights are written here so that
+    # the main process can evaluate and export a whole model (None when `model` is whole everywhere).
+    final_dir: Path | None = None
+    skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss (on_nan: skip)
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -398,6 +580,10 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
     """Fine-tune `loaded.model` on `entries` (record, root) with `config`; checkpoints go to output_dir."""
     config.validate()
     output_dir = Path(output_dir)
+    if not resume and _checkpoints(output_dir):
+        # a later --resume would take the newest of them, whichever run wrote it
+        raise AdaptError("the output folder already holds checkpoints of an earlier run", path=output_dir,
+                         hint="resume that run (adapt run --resume RUN_DIR), or train into a new folder")
     builder = make_builder(loaded, config)
     dropped = Report(name="samples")
     planned = plan_all(builder, list(entries), dropped)
@@ -412,10 +598,10 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
         raise AdaptError(f"a sample of {max(lengths)} tokens exceeds pack_tokens {config.pack_tokens}",
                          hint="raise pack_tokens to at least max_length")
 
+    precision = precision_flags(config.precision)
     model = apply_tuning_mode(loaded.model, config)
     model.config.use_cache = False
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model, config.gradient_checkpointing)
     trainable = describe_trainable(model)
 
     if logging_dir is not None:
@@ -426,11 +612,17 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
         weight_decay=config.weight_decay, num_train_epochs=config.epochs, max_steps=config.max_steps,
         logging_steps=config.logging_steps, save_steps=config.save_steps, save_total_limit=config.save_total_limit,
         seed=config.seed, data_seed=config.seed, remove_unused_columns=False,
-        dataloader_num_workers=config.workers, report_to=["tensorboard"] if logging_dir is not None else "none",
+        dataloader_num_workers=resolve_workers(config.workers), dataloader_pin_memory=config.pin_memory,
+        accelerator_config={"non_blocking": config.pin_memory and torch.cuda.is_available()},
+        report_to=["tensorboard"] if logging_dir is not None else "none",
         use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, max_grad_norm=config.max_grad_norm,
-        average_tokens_across_devices=True, save_strategy="steps", **precision_flags(config.precision),
+        average_tokens_across_devices=True, save_strategy="steps", **precision,
+        # a text-only row leaves the vision tower without gradients, which DDP must then not wait for
+        ddp_find_unused_parameters=any(not images_of(r) and not r.get("video") for r, _ in usable),
     )
     collator = Collator(loaded.tokenizer.pad_token_id, pack=config.pack, loss_reduction=config.loss_reduction)
+    if config.normalize == "host":
+        collator = HostNormalized(collator)
 
     def sampler_factory(world_size: int, rank: int) -> RankBatchSampler:
         return RankBatchSampler(lengths, tiles, pack=config.pack, batch_size=config.batch_size,
@@ -439,11 +631,35 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
 
     trainer = AdaptTrainer(model=model, args=args, train_dataset=MixtureDataset(usable, builder),
                            data_collator=collator, batch_sampler_factory=sampler_factory, on_nan=config.on_nan,
+                           logits=config.logits,
                            callbacks=[CompletedCheckpoints(), *callbacks])
-    checkpoint = last_complete_checkpoint(output_dir) if resume else None
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with args.main_process_first(local=False, desc="finding the last complete checkpoint"):
+        # the main process sets half-written checkpoints aside first; the other ranks then agree with it
+        checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    loaded_attn = loaded.model.config._attn_implementation
+    attn = resolve_attn_implementation(config.attn_implementation, precision["bf16"] or precision["fp16"])
+    if attn != loaded_attn:
+        loaded.model.set_attn_implementation(attn)  # for this run only (varlen kernels where available)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        if attn != loaded_attn:  # a training choice: torch_varlen cannot decode
+            loaded.model.set_attn_implementation(loaded_attn)
+    final_dir = None
+    if shards_parameters(trainer):
+        final_dir = output_dir / "final"
+        trainer.save_model(str(final_dir))  # a collective: every rank gathers, the main process writes
     return TrainResult(model=trainer.model, steps=trainer.state.global_step, samples=len(usable), dropped=dropped,
-                       log_history=list(trainer.state.log_history), trainable=trainable)
+                       log_history=list(trainer.state.log_history), trainable=trainable, final_dir=final_dir,
+                       skipped_steps=trainer.skipped_steps)
+
+
+def shards_parameters(trainer: Trainer) -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3, where no rank holds the whole trained model."""
+    if trainer.is_fsdp_enabled:
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

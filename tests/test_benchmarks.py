@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end (CPU, reduced sizes) and print the rows they promise.
+
+Timing values are not checked (CPU figures mean nothing for a GPU benchmark), only that every
+configuration produced a complete, well-formed row.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"[\d,]+(\.\d+)?"
+
+
+def _run(*args: str, timeout: int = 300) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_train_throughput_smoke_table():
+    out = _run("benchmarks/train_throughput.py", "--smoke")
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| tiny |"):
+            assert len(cells) == 11, line
+            rows[(cells[1], cells[2])] = cells
+    expected = {("full", p) for p in ("baseline", "fast", "fast -pack", "fast logits=full", "fast normalize=host",
+                                      "fast gc=all")}
+    expected |= {(mode, p) for mode in ("partial", "lora") for p in ("baseline", "fast")}
+    assert set(rows) == expected
+    for (mode, path), cells in rows.items():
+        _, _, _, steps, tokens, samples, step_s, mfu, memory, wait, ratio = cells
+        assert steps == "2", (mode, path)
+        for value in (tokens, samples, step_s):
+            assert re.fullmatch(NUMBER, value) and float(value.replace(",", "")) > 0, (mode, path, value)
+        assert mfu == "-" and memory == "-"  # no GPU: no peak FLOP/s, no GPU memory
+        assert re.fullmatch(r"\d+\.\d%", wait) and re.fullmatch(r"\d+\.\d\dx", ratio)
+        if path == "baseline":
+            assert ratio == "1.00x"
+    for mode in ("full", "partial", "lora"):
+        assert re.search(rf"speed-up fast vs baseline, tiny {mode}: {NUMBER}x tokens/s", out), mode
+    assert "12*L_llm*d_attn * sum(len_i^2)" in out and "6*N*T" in out  # the FLOP formula is printed
+    assert re.search(r"data: driving sample of 1 tile, \d+ tokens", out)
+
+
+def test_data_pipeline_runs():
+    out = _run("benchmarks/data_pipeline.py", "--repeat", "3")
+    assert "13 tiles" in out
+    for label in ("adapt sample builder", "official recipe", "bare JPEG decode"):
+        assert re.search(rf"{label}\s*:\s*{NUMBER} ms", out), label
+    assert re.search(rf"speed-up vs official :\s*{NUMBER}x", out)
