@@ -74,7 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config.strict = config.strict or args.strict
     config.train = {**config.train, **_train_overrides(args)}
     result = api.run(config, export=not args.no_export, progress=not args.quiet)
-    print(json.dumps({"run_dir": str(result.run_dir), "export": str(result.export_dir), **result.scores()}, indent=2))
+    if api.is_main_process():  # under torchrun / accelerate launch every rank returns the same result
+        print(json.dumps({"run_dir": str(result.run_dir), "export": str(result.export_dir), **result.scores()},
+                         indent=2))
     return 0
 
 
@@ -120,7 +122,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     rows = api.sweep(args.ratios, domain=args.domain, runs_dir=args.runs_dir or "runs",
                      **({"model": args.model} if args.model else {}))
-    print(json.dumps(rows, indent=2))
+    if api.is_main_process():
+        print(json.dumps(rows, indent=2))
     return 0
 
 
