@@ -213,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("adapt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under a launcher, leave the process group before exit: a rank exiting with it alive can abort."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ def main(fixture: str, out: str) -> None:
     state = PartialState(cpu=True)
     for reduction in REDUCTIONS:
         run(Path(fixture), Path(out), reduction, state.num_processes, state.process_index)
+    # leave the gloo group cleanly: exiting with it alive can abort a rank ("terminate called ...")
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
