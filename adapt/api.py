@@ -350,7 +350,8 @@ def load_model(config: RunConfig, train_config: TrainConfig) -> models.Loaded:
     # "auto" / "torch_varlen" are chosen per run by training.train (varlen kernels cannot generate): load with SDPA
     attn = train_config.attn_implementation
     attn = "sdpa" if attn in ("auto", "torch_varlen") else attn
-    return models.load(name, dtype=dtype, attn_implementation=attn, seed=config.seed)
+    return models.load(name, dtype=dtype, attn_implementation=attn, seed=config.seed,
+                       load_in_4bit=train_config.mode == "lora" and train_config.qlora)
 
 
 @dataclass

@@ -123,8 +123,15 @@ def detect_template(config: Any, tokenizer: Any) -> str:
 
 
 def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_implementation: str | None = "sdpa",
-         trust_remote_code: bool = False, seed: int = 0) -> Loaded:
-    """Load a preset (random init, seeded) or a native checkpoint directory / hub id."""
+         trust_remote_code: bool = False, seed: int = 0, load_in_4bit: bool = False) -> Loaded:
+    """Load a preset (random init, seeded) or a native checkpoint directory / hub id.
+
+    `load_in_4bit` (QLoRA) quantizes the language model's linear layers to NF4 with bitsandbytes;
+    the vision tower, projector and LM head stay in `dtype` (they are small and trained or sensitive).
+    """
+    if load_in_4bit and name_or_path in PRESETS:
+        raise AdaptError("QLoRA (4-bit loading) needs a real checkpoint, not a random-init preset",
+                         hint="pass --model /path/to/InternVL-hf, or use --mode lora")
     if name_or_path in PRESETS:
         tokenizer = tiny_tokenizer()
         config = preset_config(name_or_path, tokenizer)
@@ -156,6 +163,8 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
         kwargs["dtype"] = torch_dtype(dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        kwargs["quantization_config"] = _nf4_config(dtype)
     try:
         model = InternVLForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
@@ -163,6 +172,20 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
                          path=name_or_path, hint="pass a local model folder or a hub id available offline") from None
     check_geometry(model.config)
     return Loaded(model, tokenizer, detect_template(model.config, tokenizer), str(name_or_path))
+
+
+def _nf4_config(dtype: torch.dtype | str | None):
+    """bitsandbytes NF4 for the LLM only (QLoRA); refuses cleanly where it cannot run."""
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise AdaptError("QLoRA needs a CUDA GPU and the bitsandbytes package",
+                         hint="pip install bitsandbytes on a GPU machine, or use --mode lora")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype(dtype or "bf16"),
+                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
 
 
 def _sincos_positions(model: InternVLForConditionalGeneration) -> None:

@@ -222,7 +222,14 @@ def apply_tuning_mode(model: torch.nn.Module, config: TrainConfig) -> torch.nn.M
         return model
     if config.qlora and not torch.cuda.is_available():
         raise AdaptError("QLoRA needs a CUDA GPU and bitsandbytes", hint="use --mode lora on this machine")
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.qlora:
+        if not getattr(model, "is_loaded_in_4bit", False):
+            raise AdaptError("QLoRA needs the model loaded in 4 bits (adapt run loads it so with --train-opt qlora=true)",
+                             hint="load with adapt.models.load(..., load_in_4bit=True)")
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing not in (False, "none"))
 
     targets = config.lora_targets or LLM_LORA_TARGETS
     if config.lora_vision:
