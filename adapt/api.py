@@ -403,6 +403,9 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
     run_dir = run_dir or Path(config.runs_dir) / agreed(run_name(config))
     shared = Path(shared_dir) if shared_dir else None
     if main:
+        if resume is None and (run_dir / "config.yaml").is_file():
+            raise AdaptError("this run directory already exists", path=run_dir,
+                             hint=f"continue it with adapt run --resume {run_dir}, or choose another --name")
         run_dir.mkdir(parents=True, exist_ok=True)
         if config.demo:
             say(f"no --data given: running the {domain.name} DEMO (synthetic data in the real formats, "
