@@ -180,8 +180,8 @@ def _cell(cam: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- projection
 
 
-def _hull(points: np.ndarray) -> list[tuple[float, float]]:
-    """Convex hull (monotone chain) of 2xN points."""
+def convex_hull(points: np.ndarray) -> list[tuple[float, float]]:
+    """Convex hull (monotone chain) of 2xN points, counter-clockwise."""
     pts = sorted({(float(x), float(y)) for x, y in points.T})
     if len(pts) < 3:
         return pts
@@ -245,7 +245,7 @@ def project_box(box, intrinsic: np.ndarray, width: int = CAM_W, height: int = CA
                 a, b = corners[:, i], corners[:, j]
                 points.append(a + (_NEAR - a[2]) / (b[2] - a[2]) * (b - a))
     uv = view_points(np.array(points).T, intrinsic, normalize=True)[:2]
-    polygon = _clip_polygon(_hull(uv), width, height)
+    polygon = _clip_polygon(convex_hull(uv), width, height)
     if len(polygon) < 3:
         return None
     xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]

@@ -28,6 +28,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageDraw
 
+from formatters.driving import convex_hull
+
 WIDTH, HEIGHT = 1600, 900
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
 TRUTH_FILE = "synthetic_truth.json"
@@ -132,28 +134,6 @@ def _background(seed: int) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def _hull(points: np.ndarray) -> list[tuple[float, float]]:
-    """Convex hull (monotone chain) of 2xN points, counter-clockwise."""
-    pts = sorted({(float(x), float(y)) for x, y in points.T})
-    if len(pts) < 3:
-        return pts
-
-    def cross(o, a, b) -> float:
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-    lower: list[tuple[float, float]] = []
-    upper: list[tuple[float, float]] = []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    for p in reversed(pts):
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    return lower[:-1] + upper[:-1]
-
-
 def _in_camera(box_global, ego_translation, ego_rotation, channel: str):
     """The box in `channel`'s frame, moved exactly as `NuScenes.get_sample_data` moves it."""
     box = box_global.copy()
@@ -210,7 +190,7 @@ def _place(kind: ObjectKind, channel: str, ego_t, ego_q, rng: random.Random):
 
 def _paint(image: np.ndarray, corners_uv: np.ndarray, colour: tuple[int, int, int]) -> list[float]:
     """Fill the hull of the projected corners; returns its pixel box [x1, y1, x2, y2]."""
-    hull = _hull(corners_uv)
+    hull = convex_hull(corners_uv)
     x1, y1 = (int(np.floor(v)) for v in corners_uv.min(axis=1))
     x2, y2 = (int(np.ceil(v)) + 1 for v in corners_uv.max(axis=1))
     mask = Image.new("L", (x2 - x1, y2 - y1), 0)
