@@ -326,17 +326,10 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
             keep.append(train_part)
             heldout[kind] += [(r, held_part.root) for r in held_part.records]
     builder = make_builder(loaded, train_config)
-
-    def plan(record: Record, root: str):
-        return builder.plan(record, root)
-
-    def measure(record: Record, root: str) -> int:
-        return builder.plan(record, root).supervised
-
     mixture = mixing.mix(train_domain, train_general if config.general_ratio > 0 else [],
                          general_ratio=config.general_ratio, mix_by=config.mix_by, seed=seed,
-                         upsample=config.upsample or config.demo, measure=measure)
-    mixture.save(mixture_dir, plan=plan)
+                         upsample=config.upsample or config.demo, measure=mixing.supervised_tokens(builder))
+    mixture.save(mixture_dir, plan=builder.plan)
     atomic_write_text(heldout_file, json.dumps(heldout, ensure_ascii=False))
     say(mixture.summary())
     if report.skipped:
