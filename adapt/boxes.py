@@ -66,11 +66,6 @@ def from_grid(box: Box, width: int, height: int) -> list[float]:
     return [x1 / GRID * width, y1 / GRID * height, x2 / GRID * width, y2 / GRID * height]
 
 
-def normalized_to_grid(box: Box) -> list[int]:
-    """0..1 floats -> 0..1000 integers."""
-    return [round(min(max(float(v), 0.0), 1.0) * GRID) for v in box]
-
-
 def point_to_grid(x: float, y: float, width: int, height: int) -> tuple[int, int]:
     return round(min(max(x, 0.0), width) / width * GRID), round(min(max(y, 0.0), height) / height * GRID)
 

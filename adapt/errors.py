@@ -78,11 +78,6 @@ class Report:
             "stats": self.stats,
         }
 
-    def merge(self, other: Report) -> None:
-        self.read += other.read
-        self.written += other.written
-        self.skips.extend(other.skips)
-
     def summary(self) -> str:
         line = f"{self.name or 'report'}: read {self.read}, wrote {self.written}, skipped {self.skipped}"
         if self.skips:

@@ -25,7 +25,7 @@ import types
 import typing
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -674,8 +674,3 @@ def shards_parameters(trainer: Trainer) -> bool:
         return True
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    return asdict(config)
-

@@ -12,7 +12,6 @@ images, else the source folder (no copies of images the source already has).
 from __future__ import annotations
 
 import json
-import shutil
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -95,14 +94,6 @@ def _tiles_of(record: rec.Record, root: Path, max_tiles: int) -> int:
         with Image.open(root / rel) as image:
             total += count_tiles(*image.size, max_tiles=budget)
     return total
-
-
-def copy_into(src: Path, out: Path, rel: str) -> str:
-    """Copy a source file under `out` and return its record path (for sources read from outside a root)."""
-    dst = out / rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    return rel
 
 
 def image_size_or_skip(path: Path, report: Report, *, source: str | Path | None = None, row: int | None = None,
