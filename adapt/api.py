@@ -34,12 +34,14 @@ import torch
 import yaml
 
 import formatters
-from adapt import evaluation, mixing, models
+from adapt.checkpoints import models
+from adapt.data import mixing
+from adapt.data.records import Record
+from adapt.data.samples import SampleBuilder
 from adapt.errors import AdaptError, Report
+from adapt.evaluation import evaluator as evaluation
 from adapt.fileio import atomic_write_text
-from adapt.records import Record
-from adapt.samples import SampleBuilder
-from adapt.training import TrainConfig, make_builder, train
+from adapt.training.trainer import TrainConfig, make_builder, train
 from domains import DataSource, Domain
 from domains import get as get_domain
 from domains.recipe import DEFAULT_EVAL
@@ -440,7 +442,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
         atomic_write_text(run_dir / "eval" / "report.md", f"# {run_dir.name}\n\n{table}")
         say("before vs after:\n" + table)
         if export_dir is not None:
-            from adapt.export import export_model
+            from adapt.checkpoints.export import export_model
 
             card = {"base_model": config.model or f"{DEMO_MODEL} (random init demo)", "domain": domain.name,
                     "mixture": json.loads((run_dir / "data" / "mixture" / "manifest.json").read_text()),
@@ -529,7 +531,7 @@ def _load_run(run_dir: str | Path) -> tuple[Path, RunConfig, TrainConfig, dict[s
 
 def load_trained(run_dir: str | Path) -> models.Loaded:
     """The model of a run's last complete checkpoint (LoRA adapters applied onto the base model)."""
-    from adapt.training import last_complete_checkpoint
+    from adapt.training.trainer import last_complete_checkpoint
 
     run_dir, config, train_config, _ = _load_run(run_dir)
     checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
@@ -568,7 +570,7 @@ def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None) -> dic
 
 def export_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """`adapt export`: the run's last complete checkpoint, merged, in the HF-native layout."""
-    from adapt.export import export_model
+    from adapt.checkpoints.export import export_model
 
     run_dir, config, train_config, _ = _load_run(run_dir)
     loaded = load_trained(run_dir)

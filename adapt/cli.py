@@ -110,7 +110,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from adapt.convert import convert_checkpoint
+    from adapt.checkpoints.convert import convert_checkpoint
 
     out = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite)
     print(f"converted to {out}; train it with: adapt run --model {out} ...")

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapt.models import tiny_tokenizer
-from adapt.samples import SampleBuilder
-from adapt.templates import Encoder
-from adapt.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingPolicy
+from adapt.checkpoints.models import tiny_tokenizer
+from adapt.data.samples import SampleBuilder
+from adapt.data.templates import Encoder
+from adapt.data.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingPolicy
 
 QUESTION = ("The image shows six camera views stitched in two rows: top row CAM_FRONT_LEFT, CAM_FRONT, "
             "CAM_FRONT_RIGHT; bottom row CAM_BACK_LEFT, CAM_BACK, CAM_BACK_RIGHT. What are the important "

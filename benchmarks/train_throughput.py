@@ -1,6 +1,6 @@
 """Training throughput: adapt's fast path vs the plain HF Trainer path, per Mini-InternVL size and mode.
 
-Models: the random-init presets `mini-internvl2-1b`, `-2b`, `-4b` (adapt.models.PRESETS: the exact
+Models: the random-init presets `mini-internvl2-1b`, `-2b`, `-4b` (adapt.checkpoints.models.PRESETS: the exact
 shapes of InternVL2-1B / 2B / 4B; random weights change no FLOP and no byte). Tuning modes: full,
 partial (`mlp+llm`: projector + LLM, vision frozen) and LoRA (r=16 on the LLM projections, projector
 trained). Data, written once to a temp dir: driving-like samples (one 2688x896 JPEG -> 13 tiles, i.e.
@@ -13,7 +13,7 @@ samples to the longest of the row):
   baseline  plain `transformers.Trainer`: samples padded to the longest in the batch (no packing),
             float32 tiles normalised on the host (in the dataloader workers), full-vocabulary logits
             and the model's own loss, SDPA attention (HF's default).
-  fast      `adapt.training.train`: packed rows with varlen attention on a GPU (`attn_implementation:
+  fast      `adapt.training.trainer.train`: packed rows with varlen attention on a GPU (`attn_implementation:
             auto`: flash_attn's if installed, else PyTorch's built-in FlashAttention-2 varlen; SDPA
             with a block-diagonal mask on CPU), uint8 tiles normalised on the device, logits only at
             supervised positions, pinned memory + non-blocking copies, workers sized to the machine;
@@ -73,13 +73,13 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import ANSWER, QUESTION, driving_like_jpeg  # noqa: E402
 
-from adapt.attention import resolve_attn_implementation  # noqa: E402
+from adapt.checkpoints.models import load  # noqa: E402
+from adapt.data.samples import Sample, plan_all  # noqa: E402
+from adapt.data.templates import IGNORE_INDEX  # noqa: E402
+from adapt.data.tiling import normalize  # noqa: E402
 from adapt.errors import Report  # noqa: E402
-from adapt.models import load  # noqa: E402
-from adapt.samples import Sample, plan_all  # noqa: E402
-from adapt.templates import IGNORE_INDEX  # noqa: E402
-from adapt.tiling import normalize  # noqa: E402
-from adapt.training import (  # noqa: E402
+from adapt.training.attention import resolve_attn_implementation  # noqa: E402
+from adapt.training.trainer import (  # noqa: E402
     RankBatchSampler,
     TrainConfig,
     apply_tuning_mode,
@@ -152,7 +152,7 @@ class Plan:
 
 
 def plan_rows(root: Path, loaded, config: TrainConfig, total_steps: int) -> Plan:
-    """Enough records for `total_steps` rows, and the rows `adapt.training.train` will make of them
+    """Enough records for `total_steps` rows, and the rows `adapt.training.trainer.train` will make of them
     (the same plan and sampler as train(), one rank), so the baseline can replay them."""
     n = 4 * total_steps
     builder = make_builder(loaded, config)

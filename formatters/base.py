@@ -22,10 +22,11 @@ from typing import Any, TypeVar
 from PIL import Image
 from tqdm import tqdm
 
-from adapt import records as rec
+from adapt.data import records as rec
+from adapt.data.images import decode_rgb
+from adapt.data.tiling import count_tiles, tile_budget
 from adapt.errors import AdaptError, Report
 from adapt.fileio import atomic_dir, resolve_inside
-from adapt.tiling import count_tiles, decode_rgb, tile_budget
 
 Generator = Callable[..., Iterator[rec.Record]]
 

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from adapt import records as rec
+from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
 from formatters.base import (
     IMAGE_EXTENSIONS,

@@ -47,9 +47,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageDraw, ImageFont
 
-from adapt import boxes as bx
+from adapt.data import boxes as bx
+from adapt.data.images import decode_rgb, resize
 from adapt.errors import AdaptError, Report
-from adapt.tiling import resize
 from formatters.base import Formatter
 
 CAMERA_GRID = (("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"),
@@ -312,7 +312,6 @@ def decode_camera(path: Path) -> np.ndarray:
         array = simplejpeg.decode_jpeg(data, colorspace="RGB")
     except ValueError:
         try:
-            from adapt.tiling import decode_rgb
 
             array = np.asarray(decode_rgb(data))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -332,7 +331,7 @@ def stitch(paths: dict[str, Path], timings: Timings | None = None) -> np.ndarray
         array = decode_camera(paths[cam])
         t1 = time.perf_counter()
         # PyTorch's antialiased uint8 bicubic: ~8x faster than PIL's for this shrink, within one grey
-        # level of it (see adapt.tiling.resize and tests/test_tiling.py)
+        # level of it (see adapt.data.images.resize and tests/test_tiling.py)
         view = resize(array, VIEW_W, VIEW_H)
         col, row = CAMERA_CELL[cam]
         x0, y0 = col * VIEW_W, row * VIEW_H

@@ -2,11 +2,11 @@
 
 Sources:
 - an InternVL meta file `{name: {root, annotation, repeat_time, ...}}` (read with
-  `adapt.records.read_meta`), each annotation a JSONL file (or a LLaVA JSON array);
+  `adapt.data.records.read_meta`), each annotation a JSONL file (or a LLaVA JSON array);
 - one JSONL annotation file, or one LLaVA JSON array (`[{id, image?, conversations}, ...]`); their
   image root is the file's folder or the `root` option. Text-only rows (no `image`) are kept.
 
-Rows are validated with `adapt.records.problems` (roles, placeholders, paths confined to their root
+Rows are validated with `adapt.data.records.problems` (roles, placeholders, paths confined to their root
 and existing) and their images decoded (`verify_images="header"` only opens headers, for very large
 sets); bad rows are counted skips with file and line / 1-based array position.
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapt import boxes as bx
-from adapt import records as rec
+from adapt.data import boxes as bx
+from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
 from formatters.base import Formatter, ImageChecker, choose, iter_json_rows, parse_options
 

@@ -1,6 +1,6 @@
 """Visual grounding: a referring expression -> `<ref>expression</ref><box>[[x1, y1, x2, y2]]</box>`.
 
-Corners are InternVL's integers 0..1000 (round(x / W * 1000), `adapt.boxes.to_grid`); several boxes
+Corners are InternVL's integers 0..1000 (round(x / W * 1000), `adapt.data.boxes.to_grid`); several boxes
 for one expression are written `[[...], [...]]`. Inputs (option `format`, detected when unambiguous):
 
 - `coco`: a COCO instances json (`images`, `annotations` with xywh pixel `bbox`, `categories`); the
@@ -17,7 +17,7 @@ for one expression are written `[[...], [...]]`. Inputs (option `format`, detect
 
 Boxes are pixels unless `box_format` says `*_norm` (0..1 floats). A 0..1 box found in a pixel field
 is never taken as pixels: with the default `box_format="auto"` of plain rows it is recognised by
-`adapt.boxes.looks_normalized` and converted; with an explicit pixel format it is a counted skip
+`adapt.data.boxes.looks_normalized` and converted; with an explicit pixel format it is a counted skip
 whose reason says which option to pass. Boxes outside the image or of zero area are counted skips.
 
 The readers (`read_targets`) are reused by the region formatter.
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapt import boxes as bx
-from adapt import records as rec
+from adapt.data import boxes as bx
+from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
 from formatters.base import Formatter, ImageChecker, choose, iter_json_rows, load_json, parse_options, turn
 

@@ -43,10 +43,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
 
+from adapt.data.images import decode_rgb
+from adapt.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
 from adapt.errors import AdaptError, Report
 from adapt.fileio import resolve_inside
-from adapt.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
-from adapt.tiling import decode_rgb
 from formatters.base import Formatter, image_size_or_skip
 
 DOMAIN = "medical"

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapt import boxes as bx
-from adapt import records as rec
+from adapt.data import boxes as bx
+from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
 from formatters.base import Formatter, choose, parse_options, turn
 from formatters.grounding import ReaderOptions, default_name, read_targets, reader_root

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapt import records as rec
+from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
 from formatters.base import Formatter, ImageChecker, load_json, parse_options, turn
 

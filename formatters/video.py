@@ -29,10 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from adapt.errors import AdaptError, Report
-from adapt.fileio import resolve_inside
-from adapt.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
-from adapt.video import (
+from adapt.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
+from adapt.data.video import (
     TooFewFrames,
     count_video_frames,
     frame_files,
@@ -40,6 +38,8 @@ from adapt.video import (
     segment_frame_indices,
     video_prompt,
 )
+from adapt.errors import AdaptError, Report
+from adapt.fileio import resolve_inside
 from formatters.base import Formatter, image_size_or_skip
 
 ANNOTATION_NAMES = ("annotations.jsonl", "annotations.csv", "labels.jsonl", "labels.csv", "qa.jsonl", "qa.csv")

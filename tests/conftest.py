@@ -12,14 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny():
-    from adapt.models import load
+    from adapt.checkpoints.models import load
 
     return load("tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from adapt.models import tiny_tokenizer
+    from adapt.checkpoints.models import tiny_tokenizer
 
     return tiny_tokenizer()
 

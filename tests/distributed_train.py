@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapt import training
-from adapt.models import load
-from adapt.training import TrainConfig, train
+from adapt.checkpoints.models import load
+from adapt.training import trainer as training
+from adapt.training.trainer import TrainConfig, train
 
 REDUCTIONS = ("square", "sample")
 N_SAMPLES = 9  # odd: the last step of an epoch has one sample for two ranks (a zero-weight padding item)

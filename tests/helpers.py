@@ -1,7 +1,7 @@
 """Shared fixtures for the training tests, and the training child that the crash tests SIGKILL.
 
 Run as a script (`python tests/helpers.py SPEC.json`) it trains the tiny model on the records of a
-spec file with `adapt.training.train`, logging which sample ids each optimizer step consumed, and
+spec file with `adapt.training.trainer.train`, logging which sample ids each optimizer step consumed, and
 can hang at a chosen point (inside a step, or inside a checkpoint save before its completion
 marker) so that the parent kills it exactly there.
 """
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from adapt.training import TrainConfig  # noqa: E402
+from adapt.training.trainer import TrainConfig  # noqa: E402
 
 Entry = tuple[dict[str, Any], str]
 FAST = {"learning_rate": 1e-2, "workers": 0, "save_steps": 1000, "warmup_ratio": 0.0, "weight_decay": 0.0,
@@ -71,8 +71,8 @@ def instrument(spec: dict[str, Any]) -> None:
     step being computed; ids only for direct `train` runs) and hang where the spec asks:
     `hang_in_step: k` inside step k's loss, `hang_in_save: k` while checkpoint-k is half written
     (weights saved, optimizer state and completion marker not yet)."""
-    from adapt import training
-    from adapt.batching import Collator
+    from adapt.data.batching import Collator
+    from adapt.training import trainer as training
 
     log = open(spec["log"], "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
 
@@ -125,8 +125,8 @@ def run_child(spec_path: str) -> int:
         return main(spec["cli"])
     from safetensors.torch import save_file
 
-    from adapt.models import load
-    from adapt.training import train
+    from adapt.checkpoints.models import load
+    from adapt.training.trainer import train
 
     entries = [(record, root) for record, root in spec["entries"]]
     result = train(load("tiny", seed=0), entries, TrainConfig(**spec["config"]), spec["out"],

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from adapt import mixing
-from adapt import records as rec
 from adapt.cli import main
+from adapt.data import mixing
+from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
 from formatters.synthetic import sources as syn
 
@@ -565,8 +565,8 @@ def test_training_data_too_long_or_undecodable(tmp_path, one_thread):
     id; a truncated JPEG (its header plans fine) is replaced at build time and named in a warning."""
     import io
 
-    from adapt.models import load
-    from adapt.training import TrainConfig, train
+    from adapt.checkpoints.models import load
+    from adapt.training.trainer import TrainConfig, train
 
     syn.paint((896, 448), [("red", (40, 40, 200, 200))]).save(tmp_path / "wide.png")  # 2x1 grid + thumbnail
     buffer = io.BytesIO()
@@ -742,7 +742,7 @@ def test_train_option_of_the_wrong_type(capsys, tmp_path):
 
 
 def test_model_folder_without_tokenizer(capsys, tmp_path):
-    from adapt.models import load
+    from adapt.checkpoints.models import load
 
     model_dir = tmp_path / "model"
     load("tiny", seed=0).model.save_pretrained(model_dir)  # config + weights, no tokenizer files

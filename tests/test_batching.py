@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from adapt.batching import Collator, pack_bins, per_sample_losses, token_weights, weighted_loss
+from adapt.data.batching import Collator, pack_bins, per_sample_losses, token_weights, weighted_loss
+from adapt.data.samples import SampleBuilder, SampleDropped, plan_all
+from adapt.data.templates import IGNORE_INDEX, Encoder
+from adapt.data.tiling import TilingPolicy, normalize
 from adapt.errors import Report
-from adapt.samples import SampleBuilder, SampleDropped, plan_all
-from adapt.templates import IGNORE_INDEX, Encoder
-from adapt.tiling import TilingPolicy, normalize
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Original OpenGVLab InternVL checkpoints -> HF-native InternVL (`adapt.convert`).
+"""Original OpenGVLab InternVL checkpoints -> HF-native InternVL (`adapt.checkpoints.convert`).
 
 The references below recompute the original model from the original tensors, written from the
 original code's semantics (InternViT `_naive_attn`, `pixel_shuffle` v2, `mlp1`, InternLM2's grouped
@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer, InternVLForConditionalGeneration
 
-import adapt.convert as convert_module
-from adapt.convert import convert_checkpoint
+import adapt.checkpoints.convert as convert_module
+from adapt.checkpoints.convert import convert_checkpoint
 from adapt.errors import AdaptError
 
 BACKBONES = ["qwen2", "internlm2", "phi3"]

@@ -19,10 +19,11 @@ import yaml
 from helpers import snapshot
 from transformers import AutoModelForImageTextToText
 
-from adapt import api, training
+from adapt import api
 from adapt.cli import main
-from adapt.tiling import normalize
-from adapt.training import COMPLETE_MARKER, make_builder
+from adapt.data.tiling import normalize
+from adapt.training import trainer as training
+from adapt.training.trainer import COMPLETE_MARKER, make_builder
 
 # conftest's one_thread: with the demo's loader worker beside two torch threads on 2 shared cores, the
 # OpenMP threads spin-wait on each other and the demo took 653 s instead of 217 s (measured)

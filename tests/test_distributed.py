@@ -117,8 +117,8 @@ def test_first_step_loss_uses_the_global_denominator(two_ranks, fixture_dir, red
     from it under the square reduction, whose samples weigh sqrt(n) each (under the sample
     reduction every sample weighs 1, so they agree on this pair: its padding steps tell them apart
     in test (a))."""
-    from adapt.batching import Collator
-    from adapt.training import make_builder, supervised_loss
+    from adapt.data.batching import Collator
+    from adapt.training.trainer import make_builder, supervised_loss
 
     firsts = [_rank(two_ranks, reduction, r)["items"][0] for r in (0, 1)]
     assert [f[0] for f in firsts] == [0, 0] and not any(f[2] for f in firsts)

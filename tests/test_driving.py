@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from adapt import boxes as bx
+from adapt.data import boxes as bx
+from adapt.data.tiling import TILE, choose_grid, count_tiles, tile_image
 from adapt.errors import AdaptError
-from adapt.tiling import TILE, choose_grid, count_tiles, tile_image
 from formatters.base import run
 from formatters.driving import (
     DRIVING,

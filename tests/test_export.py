@@ -21,12 +21,12 @@ from transformers import (
     InternVLForConditionalGeneration,
 )
 
-from adapt import export
+from adapt.checkpoints import export
+from adapt.checkpoints.export import export_model
+from adapt.checkpoints.models import load
+from adapt.data.templates import IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES, Encoder
+from adapt.data.tiling import TilingPolicy, count_tiles, normalize, tile_image
 from adapt.errors import AdaptError
-from adapt.export import export_model
-from adapt.models import load
-from adapt.templates import IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES, Encoder
-from adapt.tiling import TilingPolicy, count_tiles, normalize, tile_image
 
 LLM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 CARD = {"base_model": "OpenGVLab/InternVL3-1B-hf", "domain": "remote sensing",

@@ -2,7 +2,7 @@
 
 Supervised-only logits vs full logits, uint8 tiles normalised on the device vs float tiles normalised
 on the host, packed vs padded rows, gradient checkpointing per module vs none, and varlen attention:
-on CPU, adapt.attention.varlen_attention runs through HF's AttentionInterface with a reference kernel
+on CPU, adapt.training.attention.varlen_attention runs through HF's AttentionInterface with a reference kernel
 (per-sample SDPA) in place of the CUDA one, which checks what reaches the kernel (no mask, the packed
 row's sample boundaries in every layer) and the result; the real kernels (torch varlen, flash_attn)
 run only under `-m gpu` on a GPU.
@@ -23,19 +23,19 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
-from adapt.attention import (
+from adapt.checkpoints.models import load
+from adapt.data.batching import Collator, per_sample_losses
+from adapt.data.samples import SampleBuilder
+from adapt.data.templates import Encoder
+from adapt.data.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingPolicy, normalize
+from adapt.errors import AdaptError
+from adapt.training.attention import (
     TORCH_VARLEN,
     resolve_attn_implementation,
     torch_varlen_available,
     varlen_attention,
 )
-from adapt.batching import Collator, per_sample_losses
-from adapt.errors import AdaptError
-from adapt.models import load
-from adapt.samples import SampleBuilder
-from adapt.templates import Encoder
-from adapt.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingPolicy, normalize
-from adapt.training import (
+from adapt.training.trainer import (
     HostNormalized,
     TrainConfig,
     apply_tuning_mode,

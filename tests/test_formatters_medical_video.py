@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 import formatters
-from adapt.errors import AdaptError
-from adapt.video import (
+from adapt.data.video import (
     TooFewFrames,
     expand_video_placeholder,
     frame_files,
@@ -27,6 +26,7 @@ from adapt.video import (
     segment_frame_indices,
     video_prompt,
 )
+from adapt.errors import AdaptError
 from formatters.base import run
 from formatters.medical import parse_window, render_dicom
 from formatters.synthetic import medical as med

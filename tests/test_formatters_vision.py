@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 import formatters
-from adapt import boxes as bx
-from adapt import records as rec
+from adapt.data import boxes as bx
+from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
 from formatters.base import run
 from formatters.synthetic import sources as syn

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from adapt.errors import AdaptError
-from adapt.metrics import (
+from adapt.evaluation.metrics import (
     answer_match,
     classification_accuracy,
     coco_tokenize,

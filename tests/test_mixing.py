@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapt.errors import AdaptError, Report
-from adapt.mixing import (
+from adapt.data.mixing import (
     Mixture,
     Source,
     content_key,
@@ -24,8 +23,9 @@ from adapt.mixing import (
     split_holdout,
     supervised_tokens,
 )
-from adapt.samples import SampleBuilder
-from adapt.templates import Encoder
+from adapt.data.samples import SampleBuilder
+from adapt.data.templates import Encoder
+from adapt.errors import AdaptError, Report
 
 RATIOS = [0, 0.125, 0.25, 0.5, 0.75]
 

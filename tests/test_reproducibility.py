@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from adapt import api, mixing
+from adapt import api
+from adapt.data import mixing
 from adapt.errors import AdaptError
-from adapt.training import MixtureDataset, RankBatchSampler, TrainConfig, make_builder, train
+from adapt.training.trainer import MixtureDataset, RankBatchSampler, TrainConfig, make_builder, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,10 +192,10 @@ def test_samples_with_jpeg_augmentation_are_seeded(tmp_path, tiny):
 PROBE = """
 import hashlib, json, sys
 import numpy as np
-from adapt.models import tiny_tokenizer
-from adapt.samples import SampleBuilder
-from adapt.templates import Encoder
-from adapt.tiling import TilingPolicy
+from adapt.checkpoints.models import tiny_tokenizer
+from adapt.data.samples import SampleBuilder
+from adapt.data.templates import Encoder
+from adapt.data.tiling import TilingPolicy
 sys.path.insert(0, "tests")
 from test_reproducibility import _epochs, _sample_digest, _sampler, mixture_ids
 entries = json.loads(sys.argv[1])
@@ -228,10 +229,10 @@ def mixture_ids() -> list[str]:
 
 def test_same_order_and_pixels_in_another_process(tmp_path):
     """A resumed run or a dataloader worker is another process with its own string-hash seed."""
-    from adapt.models import tiny_tokenizer
-    from adapt.samples import SampleBuilder
-    from adapt.templates import Encoder
-    from adapt.tiling import TilingPolicy
+    from adapt.checkpoints.models import tiny_tokenizer
+    from adapt.data.samples import SampleBuilder
+    from adapt.data.templates import Encoder
+    from adapt.data.tiling import TilingPolicy
 
     entries = write_entries(tmp_path / "data", n_images=2, n_text=1)
     builder = SampleBuilder(Encoder(tiny_tokenizer(), "internvl2_5"), TilingPolicy(1, 1, True, True), seed=3)
@@ -260,7 +261,7 @@ def test_same_order_and_pixels_in_another_process(tmp_path):
 def _train(
     entries: list[tuple[dict, str]], folder: Path, seed: int
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    from adapt.models import load
+    from adapt.checkpoints.models import load
 
     config = TrainConfig(
         max_steps=3,
@@ -283,7 +284,7 @@ def _train(
 
 
 def test_same_seed_same_weights_on_cpu(tmp_path, one_thread):
-    from adapt.models import load
+    from adapt.checkpoints.models import load
 
     entries = write_entries(tmp_path / "data")
     initial = {name: p.detach().clone() for name, p in load("tiny", seed=0).model.named_parameters()}

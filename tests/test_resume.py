@@ -23,10 +23,10 @@ from helpers import changed, fast_config, snapshot, write_records
 from safetensors.torch import load_file
 from transformers import InternVLForConditionalGeneration, TrainerCallback
 
-from adapt import training
+from adapt.checkpoints.models import load
 from adapt.errors import AdaptError
-from adapt.models import load
-from adapt.training import COMPLETE_MARKER, DivergenceError, last_complete_checkpoint
+from adapt.training import trainer as training
+from adapt.training.trainer import COMPLETE_MARKER, DivergenceError, last_complete_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread, the cores are shared
 

@@ -5,7 +5,7 @@
   `np.load` never with pickles, and `trust_remote_code` is never switched on in the package;
 * pickles from datasets (PathVQA, RefCOCO, an npz with object arrays) are refused unless the user opts
   in, and the refusal happens before anything is unpickled (a payload that would create a file does not);
-* remote code named by a checkpoint (`auto_map`) is not imported by `adapt.models.load`;
+* remote code named by a checkpoint (`auto_map`) is not imported by `adapt.checkpoints.models.load`;
 * YAML with a python/object tag is an `AdaptError` (run config, domain recipe, a run's config.yaml),
   never executed;
 * image paths stay inside their roots at training time too (the formatter side, including a symlink
@@ -106,7 +106,7 @@ def test_package_source_has_no_unsafe_loader():
 
 
 def test_trust_remote_code_is_off_by_default():
-    from adapt import models
+    from adapt.checkpoints import models
 
     assert inspect.signature(models.load).parameters["trust_remote_code"].default is False
 
@@ -114,7 +114,7 @@ def test_trust_remote_code_is_off_by_default():
 def test_checkpoint_remote_code_is_not_imported(tmp_path):
     """A model folder whose config and tokenizer config name code in the folder (auto_map) loads with
     the native classes; the folder's module is never imported."""
-    from adapt.models import TINY_TOKENIZER, load
+    from adapt.checkpoints.models import TINY_TOKENIZER, load
 
     marker, folder = tmp_path / "imported", tmp_path / "model"
     load("tiny", seed=0).model.save_pretrained(folder)
@@ -282,10 +282,10 @@ def test_training_time_loading_keeps_paths_inside_the_root(tmp_path):
     """A JSONL read straight into a mixture (no formatter) cannot reach files outside its folder either:
     `..`, absolute paths and a symlinked folder pointing out are skipped rows, and a sample built
     from a record that escapes is dropped, not read."""
-    from adapt import mixing
-    from adapt.models import tiny_tokenizer
-    from adapt.samples import SampleBuilder, SampleDropped
-    from adapt.templates import Encoder
+    from adapt.checkpoints.models import tiny_tokenizer
+    from adapt.data import mixing
+    from adapt.data.samples import SampleBuilder, SampleDropped
+    from adapt.data.templates import Encoder
     from formatters.synthetic.sources import paint
 
     outside = tmp_path / "outside"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapt.templates import IGNORE_INDEX, TEMPLATES, Encoder, chat_template_jinja, expand_placeholders
+from adapt.data.templates import IGNORE_INDEX, TEMPLATES, Encoder, chat_template_jinja, expand_placeholders
 
 TPT = 4  # tokens per tile, small so the sequences stay readable
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adapt.tiling import (
+from adapt.data.tiling import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TilingPolicy,
@@ -121,7 +121,7 @@ def test_tiles_equal_official_crops(w, h):
 
 
 def test_simplejpeg_decode_equals_pil(tmp_path):
-    from adapt.tiling import decode_array
+    from adapt.data.images import decode_array
 
     path = tmp_path / "x.jpg"
     Image.fromarray(_photo_like(900, 300)).save(path, quality=90)

@@ -15,12 +15,12 @@ import torch
 from helpers import changed, fast_config, snapshot, write_records
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
+from adapt.checkpoints.export import export_model
+from adapt.checkpoints.models import load
+from adapt.data.templates import IGNORE_INDEX
+from adapt.data.tiling import normalize
 from adapt.errors import AdaptError
-from adapt.export import export_model
-from adapt.models import load
-from adapt.templates import IGNORE_INDEX
-from adapt.tiling import normalize
-from adapt.training import TrainConfig, apply_tuning_mode, make_builder, train
+from adapt.training.trainer import TrainConfig, apply_tuning_mode, make_builder, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread, the cores are shared
 

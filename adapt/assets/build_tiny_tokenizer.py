@@ -67,7 +67,7 @@ def build(out: Path = OUT) -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
                               "end_image_token": "</img>"},
     )
-    from adapt.templates import chat_template_jinja
+    from adapt.data.templates import chat_template_jinja
 
     fast.chat_template = chat_template_jinja("internvl2_5")
     out.mkdir(parents=True, exist_ok=True)

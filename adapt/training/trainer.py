@@ -7,7 +7,7 @@ DDP / FSDP / DeepSpeed, logging and checkpoint/resume; this module adds what it 
     the same order for the same seed, and the same batches after a resume;
   * uint8 tiles normalised on the device, logits computed only where a label is supervised
     (the vocabulary projection of 3k image tokens is the largest tensor of a step otherwise);
-  * varlen attention over packed rows on a GPU (`attn_implementation: auto`, see adapt.attention),
+  * varlen attention over packed rows on a GPU (`attn_implementation: auto`, see adapt.training.attention),
     per-module gradient checkpointing, pinned non-blocking copies, workers sized to the machine
     (each switchable, so benchmarks/train_throughput.py can show what it buys);
   * the token / sample / square loss reduction normalised over the whole optimizer step;
@@ -35,15 +35,15 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from adapt.attention import resolve_attn_implementation
-from adapt.batching import Collator, pack_bins
+from adapt.checkpoints.models import Loaded, count_parameters
+from adapt.data.batching import Collator, pack_bins
+from adapt.data.records import Record, images_of
+from adapt.data.samples import SampleBuilder, SampleDropped, plan_all
+from adapt.data.templates import IGNORE_INDEX, Encoder
+from adapt.data.tiling import TilingPolicy, normalize
 from adapt.errors import AdaptError, Report
 from adapt.fileio import atomic_write_text
-from adapt.models import Loaded, count_parameters
-from adapt.records import Record, images_of
-from adapt.samples import SampleBuilder, SampleDropped, plan_all
-from adapt.templates import IGNORE_INDEX, Encoder
-from adapt.tiling import TilingPolicy, normalize
+from adapt.training.attention import resolve_attn_implementation
 
 MODES = ("full", "partial", "lora")
 PARTIAL_PRESETS = ("mlp", "mlp+llm", "vit-last-N")
@@ -110,7 +110,7 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise AdaptError(f"unknown training option(s): {', '.join(unknown)}",
-                             hint="see adapt.training.TrainConfig for the accepted keys")
+                             hint="see adapt.training.trainer.TrainConfig for the accepted keys")
         hints = typing.get_type_hints(cls)
         config = cls(**{key: _coerce_option(key, value, hints[key]) for key, value in data.items()})
         config.validate()
@@ -227,7 +227,7 @@ def apply_tuning_mode(model: torch.nn.Module, config: TrainConfig) -> torch.nn.M
     if config.qlora:
         if not getattr(model, "is_loaded_in_4bit", False):
             raise AdaptError("QLoRA needs the model loaded in 4 bits (adapt run loads it so with --train-opt qlora=true)",
-                             hint="load with adapt.models.load(..., load_in_4bit=True)")
+                             hint="load with adapt.checkpoints.models.load(..., load_in_4bit=True)")
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing not in (False, "none"))
 

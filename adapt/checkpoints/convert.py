@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
+from adapt.data.templates import IMAGE_SPECIAL_TOKENS, TEMPLATES, chat_template_jinja
 from adapt.errors import AdaptError
 from adapt.fileio import atomic_dir
-from adapt.templates import IMAGE_SPECIAL_TOKENS, TEMPLATES, chat_template_jinja
 
 log = logging.getLogger(__name__)
 

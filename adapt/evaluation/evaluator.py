@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from adapt import metrics
-from adapt.batching import Collator
-from adapt.boxes import parse_boxes, to_grid
+from adapt.checkpoints.models import Loaded
+from adapt.data.batching import Collator
+from adapt.data.boxes import parse_boxes, to_grid
+from adapt.data.records import Record
+from adapt.data.samples import SampleBuilder, SampleDropped
+from adapt.data.tiling import normalize
+from adapt.evaluation import metrics
 from adapt.fileio import atomic_write_text
-from adapt.models import Loaded
-from adapt.records import Record
-from adapt.samples import SampleBuilder, SampleDropped
-from adapt.tiling import normalize
-from adapt.training import supervised_loss
+from adapt.training.trainer import supervised_loss
 
 # Which number each task kind is summarised by (the "domain score" of a run).
 HEADLINE = {"classification": "accuracy", "grounding": "accuracy", "region": "accuracy", "vqa": "exact_match",

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapt.data.records import Record, apply_repeat, read_jsonl, read_meta
 from adapt.errors import AdaptError, Report
 from adapt.fileio import atomic_write, atomic_write_text
-from adapt.records import Record, apply_repeat, read_jsonl, read_meta
 
 if TYPE_CHECKING:
-    from adapt.samples import Planned, SampleBuilder
+    from adapt.data.samples import Planned, SampleBuilder
 
 KINDS = ("domain", "general")
 MIX_BY = ("samples", "tokens")
@@ -281,7 +281,7 @@ class Mixture:
         }
 
     def _fill_from_plan(self, plan: Plan) -> None:
-        from adapt.samples import SampleDropped
+        from adapt.data.samples import SampleDropped
 
         sums = {name: [0, 0, 0, 0] for name in self.sources}  # supervised, tokens, tiles, dropped
         cache: dict[int, Any] = {}
@@ -487,7 +487,7 @@ def mix(domain: list[Source], general: list[Source], *, general_ratio: float, mi
 
 def supervised_tokens(builder: SampleBuilder) -> Measure:
     """A `measure` for `mix`: supervised tokens from `builder.plan` (0 for a record it would drop)."""
-    from adapt.samples import SampleDropped
+    from adapt.data.samples import SampleDropped
 
     def measure(record: Record, root: str) -> int:
         try:

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from adapt.data.images import decode_array
+from adapt.data.records import Record, images_of
+from adapt.data.templates import IGNORE_INDEX, Encoded, Encoder
+from adapt.data.tiling import TilingPolicy, count_tiles, single_tile, tile_image
 from adapt.errors import AdaptError, Report
 from adapt.fileio import resolve_inside
-from adapt.records import Record, images_of
-from adapt.templates import IGNORE_INDEX, Encoded, Encoder
-from adapt.tiling import TilingPolicy, count_tiles, decode_array, single_tile, tile_image
 
 DEFAULT_VIDEO_FRAMES = 8
 
@@ -118,7 +119,7 @@ class SampleBuilder:
     # -- pixels --------------------------------------------------------------------------------
     def load_tiles(self, record: Record, root: str | Path, rng: random.Random) -> tuple[np.ndarray | None, list[int]]:
         if record.get("video"):
-            from adapt.video import read_frames
+            from adapt.data.video import read_frames
 
             frames = read_frames(resolve_inside(root, record["video"]), self.frames_of(record),
                                  random_offset=self.train, seed=rng.randrange(2**31))

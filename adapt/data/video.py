@@ -20,8 +20,8 @@ from pathlib import Path
 import av
 from PIL import Image
 
+from adapt.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from adapt.errors import AdaptError
-from adapt.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".gif")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from adapt.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
+from adapt.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE_SPECIAL_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from adapt.samples import Sample
-from adapt.templates import IGNORE_INDEX
+from adapt.data.samples import Sample
+from adapt.data.templates import IGNORE_INDEX
 
 REDUCTIONS = ("token", "sample", "square")
 

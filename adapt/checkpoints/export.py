@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
 
+from adapt.checkpoints.models import torch_dtype
+from adapt.data.templates import IMG_CONTEXT, IMG_END, IMG_START, Encoder, chat_template_jinja, get_template
+from adapt.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize
 from adapt.errors import AdaptError
 from adapt.fileio import atomic_dir
-from adapt.models import torch_dtype
-from adapt.templates import IMG_CONTEXT, IMG_END, IMG_START, Encoder, chat_template_jinja, get_template
-from adapt.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 PROCESSOR_CLASS = "InternVLProcessor"
 VIDEO_TOKEN = "<video>"
@@ -221,7 +221,7 @@ def _write_tokenizer(folder: Path, tokenizer: Any, template: str) -> None:
 
 def _write_processor_configs(folder: Path, config: Any, max_tiles: int) -> None:
     """The -hf processor files: GotOcr2 image processor with InternVL's dynamic tiling, and the
-    InternVLProcessor's tokens-per-tile. Tiling and normalisation match `adapt.tiling`."""
+    InternVLProcessor's tokens-per-tile. Tiling and normalisation match `adapt.data.tiling`."""
     size = config.vision_config.image_size
     height, width = (size, size) if isinstance(size, int) else size
     pixels = {

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
 
+from adapt.data.templates import IMG_CONTEXT, TEMPLATES
 from adapt.errors import AdaptError
-from adapt.templates import IMG_CONTEXT, TEMPLATES
 
-TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny-tokenizer"
+TINY_TOKENIZER = Path(__file__).parents[1] / "assets" / "tiny-tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one holds the vocabulary
 
 INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,

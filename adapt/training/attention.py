@@ -8,8 +8,8 @@ samples does ~5x the attention work of the samples alone); varlen kernels take t
   * torch_varlen: PyTorch's built-in FlashAttention-2 varlen (`torch.nn.attention.varlen`, CUDA,
     fp16/bf16), registered here as an HF attention implementation, so no extra package is needed.
 `resolve_attn_implementation("auto")` picks the first available on a GPU with half precision, else SDPA.
-Both get the boundaries from `adapt.training.varlen_kwargs`, computed once per step. torch_varlen is a
-training implementation (no KV cache): `adapt.training.train` switches the model to it for the run
+Both get the boundaries from `adapt.training.trainer.varlen_kwargs`, computed once per step. torch_varlen is a
+training implementation (no KV cache): `adapt.training.trainer.train` switches the model to it for the run
 and back afterwards.
 """
 
@@ -75,7 +75,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     batch, _, length, _ = query.shape
     if key.shape[2] != length:
         raise AdaptError(f"{TORCH_VARLEN} attention is for training (no KV cache)",
-                         hint="generate with attn_implementation sdpa; adapt.training.train restores it after a run")
+                         hint="generate with attn_implementation sdpa; adapt.training.trainer.train restores it after a run")
     if dropout:
         raise AdaptError(f"{TORCH_VARLEN} attention has no dropout", hint="set attention_dropout to 0")
     out_dtype = value.dtype

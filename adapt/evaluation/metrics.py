@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from adapt.boxes import iou, parse_boxes
+from adapt.data.boxes import iou, parse_boxes
 from adapt.errors import AdaptError
 
 Scores = dict[str, Any]

@@ -1,0 +1,1 @@
+"""Checkpoints: loading models, exporting, converting official weights."""

@@ -1,0 +1,1 @@
+"""Training: the Trainer loop, attention kernels."""
