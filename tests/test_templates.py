@@ -93,7 +93,8 @@ def test_internlm2_has_bos_and_phi3_markers(tiny_tokenizer):
     ids = Encoder(tiny_tokenizer, "internlm2-chat", TPT).encode(record, tiles).input_ids
     assert ids[0] == tiny_tokenizer.bos_token_id
     phi = tiny_tokenizer.decode(Encoder(tiny_tokenizer, "phi3-chat", TPT).encode(record, tiles).input_ids)
-    assert phi.startswith("<|system|>\nYou are terse.<|end|><|user|>\nSay hi.<|end|><|assistant|>\nhi<|end|>")
+    # the official Phi-3 preprocessing and chat() start with <s> (adapt used to drop it)
+    assert phi.startswith("<s><|system|>\nYou are terse.<|end|><|user|>\nSay hi.<|end|><|assistant|>\nhi<|end|>")
 
 
 def test_internvl2_5_newline_not_supervised(tiny_tokenizer):

@@ -1,16 +1,22 @@
 """Chat templates of the InternVL families, and the record -> (input_ids, labels) builder.
 
-Token sequences are built segment by segment from token ids: each turn's text is tokenized on its
-own and image placeholders become `<img>` + `<IMG_CONTEXT>` x n + `</img>` ids directly. Labels
-come from the same spans (assistant reply + its end token), so they can never disagree with the
-input the way the official re-tokenize-and-compare preprocessors do ("tokenization mismatch",
-silently zeroed samples).
+Token sequences are the tokenization of the whole rendered conversation, exactly what the official
+training code, `chat()`, `apply_chat_template` and vLLM feed the model. Labels cover each answer and its
+end token, found by where the text before each boundary ends in that tokenization, so they can never
+disagree with the input the way the official re-tokenize-and-compare preprocessors do ("tokenization
+mismatch", silently zeroed samples).
 
-Family templates (OpenGVLab/InternVL `conversation.py`, MPT separator style):
-  Hermes-2        (InternVL2-1B, Qwen2)     chatml, `<|im_end|>` separator, no BOS
-  internlm2-chat  (InternVL2-2B, InternLM2) chatml, `<|im_end|>` separator, BOS `<s>` first
-  phi3-chat       (InternVL2-4B, Phi-3)     `<|user|>\\n ... <|end|>`
-  internvl2_5     (InternVL2.5 / 3, -hf)    chatml, `<|im_end|>\\n` separator (the `\\n` unsupervised)
+Family templates (OpenGVLab/InternVL `conversation.py`, MPT separator style, routed as
+`internvl_chat_finetune.py` routes them):
+  Hermes-2        (InternVL2-1B, Qwen2)     chatml, `<|im_end|>` separator           `preprocess_mpt`
+  internlm2-chat  (InternVL2-2B, InternLM2) chatml, `<|im_end|>` separator, BOS `<s>`, each turn stripped
+                                                                                      `preprocess_internlm`
+  phi3-chat       (InternVL2-4B, Phi-3)     `<|user|>\\n ... <|end|>`, BOS `<s>`       `preprocess_phi3`
+  internvl2_5     (InternVL2.5 / 3, -hf)    chatml, `<|im_end|>\\n` separator (the `\\n` unsupervised), BOS
+                                            where the tokenizer adds one (InternLM2)  `preprocess_internvl2_5`
+Every family starts with whatever the tokenizer itself puts first (its BOS when it adds one), as the
+official code, which tokenizes with special tokens on, does. The default system message is each
+template's official one (`conv.system_message`); `none` leaves the system turn out.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ class Template:
     assistant: str  # role prefix of a gpt turn
     end: str  # end-of-turn token (supervised after each answer)
     after_end: str = ""  # text after the end token (not supervised)
-    bos: bool = False  # prepend the tokenizer's BOS
+    bos: bool = False  # starts with the tokenizer's BOS even where the tokenizer does not add it itself
     default_system: str | None = None
     stop: tuple[str, ...] = field(default=())
+    strip_turns: bool = False  # strip each turn's text, as the official preprocessing of this family does
 
     def turn(self, role_prefix: str, text: str) -> str:
         return f"{role_prefix}{text}{self.end}{self.after_end}"
@@ -51,9 +58,9 @@ TEMPLATES: dict[str, Template] = {
     "Hermes-2": Template("Hermes-2", "<|im_start|>system\n{system}", "<|im_start|>user\n", "<|im_start|>assistant\n",
                          "<|im_end|>", default_system=SYSTEM_MESSAGES["internvl2"], stop=("<|im_end|>", "<|endoftext|>")),
     "internlm2-chat": Template("internlm2-chat", "<|im_start|>system\n{system}", "<|im_start|>user\n",
-                               "<|im_start|>assistant\n", "<|im_end|>", bos=True,
+                               "<|im_start|>assistant\n", "<|im_end|>", bos=True, strip_turns=True,
                                default_system=SYSTEM_MESSAGES["internvl2"], stop=("<|im_end|>", "</s>")),
-    "phi3-chat": Template("phi3-chat", "<|system|>\n{system}", "<|user|>\n", "<|assistant|>\n", "<|end|>",
+    "phi3-chat": Template("phi3-chat", "<|system|>\n{system}", "<|user|>\n", "<|assistant|>\n", "<|end|>", bos=True,
                           default_system=SYSTEM_MESSAGES["internvl2"], stop=("<|end|>", "<|endoftext|>")),
     "internvl2_5": Template("internvl2_5", "<|im_start|>system\n{system}", "<|im_start|>user\n",
                             "<|im_start|>assistant\n", "<|im_end|>", after_end="\n",
@@ -70,40 +77,68 @@ def get_template(name: str) -> Template:
 
 
 def resolve_system(template: Template, system: str | None) -> str | None:
-    """`system` may be None/'none' (no system turn), 'default' (the family's official message),
-    a key of SYSTEM_MESSAGES, or the user's own text."""
-    if system is None or system == "none":
+    """`system` may be None/'default' (the family's official message, which the released models were
+    trained and are prompted with), 'none' (no system turn), a key of SYSTEM_MESSAGES, or the user's text."""
+    if system == "none":
         return None
-    if system == "default":
+    if system is None or system == "default":
         return template.default_system
     return SYSTEM_MESSAGES.get(system, system)
 
 
-def chat_template_jinja(name: str, image_token: str = IMAGE_PLACEHOLDER) -> str:
-    """A HF `chat_template` rendering exactly what `encode` builds for text turns.
+def _jinja_literal(text: str) -> str:
+    """`text` as a jinja string literal (jinja unescapes literals like Python)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def chat_template_jinja(name: str, image_token: str = IMAGE_PLACEHOLDER, *, bos: bool | None = None,
+                        system: str | None = "default") -> str:
+    """A HF `chat_template` rendering exactly the text `encode` builds for text turns.
 
     Image parts of a message render as `image_token` + newline: `<image>` for adapt's own records,
-    `<IMG_CONTEXT>` for exports, the placeholder the -hf InternVLProcessor and vLLM expand.
+    `<IMG_CONTEXT>` for exports, the placeholder the -hf InternVLProcessor and vLLM expand. `bos`
+    (default: the template's) writes `bos_token` first, as `apply_chat_template` adds no special tokens;
+    pass True for a tokenizer that adds its BOS itself (`leading_special_ids`). A conversation without
+    a system message gets `system` resolved as in training (the official default unless 'none').
     """
     t = get_template(name)
-    esc = lambda s: s.replace("\n", "\\n")  # noqa: E731
-    bos = "{{ bos_token }}" if t.bos else ""
+    lit = _jinja_literal
+    end = lit(t.end + t.after_end)
+    content = "(text | trim)" if t.strip_turns else "text"
+    system_text = resolve_system(t, system)
+    default = "" if system_text is None else (
+        "{% if loop.first and message['role'] != 'system' %}{{ "
+        + lit(t.system.format(system=system_text) + t.end + t.after_end) + " }}{% endif %}")
     return (
-        bos
-        + "{% for message in messages %}"
+        ("{{ bos_token }}" if (t.bos if bos is None else bos) else "")
+        + "{% for message in messages %}" + default
         + "{% if message['content'] is string %}{% set text = message['content'] %}"
         + "{% else %}{% set text = namespace(v='') %}{% for part in message['content'] %}"
-        + "{% if part['type'] == 'image' %}{% set text.v = text.v + '" + image_token + "\\n' %}"
+        + "{% if part['type'] == 'image' %}{% set text.v = text.v + " + lit(image_token + "\n") + " %}"
         + "{% elif part['type'] == 'text' %}{% set text.v = text.v + part['text'] %}{% endif %}{% endfor %}"
         + "{% set text = text.v %}{% endif %}"
-        + f"{{% if message['role'] == 'system' %}}{{{{ '{esc(t.system.split('{system}')[0])}' + text + '{esc(t.end + t.after_end)}' }}}}"
-        + f"{{% elif message['role'] == 'user' %}}{{{{ '{esc(t.user)}' + text + '{esc(t.end + t.after_end)}' }}}}"
-        + f"{{% else %}}{{{{ '{esc(t.assistant)}' + text + '{esc(t.end + t.after_end)}' }}}}{{% endif %}}"
+        + "{% if message['role'] == 'system' %}{{ " + lit(t.system.split("{system}")[0]) + " + text + " + end + " }}"
+        + "{% elif message['role'] == 'user' %}{{ " + lit(t.user) + " + " + content + " + " + end + " }}"
+        + "{% else %}{{ " + lit(t.assistant) + " + " + content + " + " + end + " }}{% endif %}"
         + "{% endfor %}"
-        + f"{{% if add_generation_prompt %}}{{{{ '{esc(t.assistant)}' }}}}{{% endif %}}"
+        + "{% if add_generation_prompt %}{{ " + lit(t.assistant) + " }}{% endif %}"
     )
 
 
+def leading_special_ids(tokenizer, template: Template) -> list[int]:
+    """The ids every sequence starts with: what the tokenizer itself puts in front of any text (its BOS
+    when it adds one, as the official code tokenizes with special tokens on), else the BOS the template's
+    official preprocessing assumes."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    front = full[: full.index(bare[0])] if bare and bare[0] in full else []
+    if not front and template.bos and tokenizer.bos_token_id is not None:
+        front = [tokenizer.bos_token_id]
+    return front
+
+
+# Each image is rendered as one context token between its markers; its ids are repeated afterwards.
+_IMAGE_MARK = IMG_START + IMG_CONTEXT + IMG_END
 _IMAGE_N = re.compile(r"Image-(\d+): " + re.escape(IMAGE_PLACEHOLDER))
 
 
@@ -132,7 +167,14 @@ class Encoded:
 
 
 class Encoder:
-    """Turns conversations into ids/labels for one tokenizer + template (cached special ids)."""
+    """Turns conversations into ids/labels for one tokenizer + template.
+
+    The conversation is rendered to one string (each image as `<img><IMG_CONTEXT></img>`) and tokenized
+    whole, as the official `chat()`, `apply_chat_template` and vLLM do, so no text is ever tokenized out of
+    its context (a sentencepiece tokenizer would add a word-start piece to each separately tokenized span).
+    Label spans come from tokenizing the text up to each answer boundary and keeping the common prefix;
+    the single `<IMG_CONTEXT>` of each image is then repeated to the image's token count.
+    """
 
     def __init__(self, tokenizer, template: Template | str, tokens_per_tile: int = 256,
                  system: str | None = None) -> None:
@@ -148,38 +190,15 @@ class Encoder:
             raise AdaptError("the tokenizer lacks InternVL's image tokens <img>, </img>, <IMG_CONTEXT>",
                              hint="use an InternVL tokenizer, or convert the checkpoint with `adapt convert`")
         self.img_start, self.img_end, self.img_context = ids
-        self._cache: dict[str, list[int]] = {}
+        self.leading = leading_special_ids(tokenizer, self.template)
 
     def ids(self, text: str) -> list[int]:
-        if not text:
-            return []
-        cached = self._cache.get(text)
-        if cached is None:
-            cached = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(text) < 64:  # role prefixes and separators repeat in every sample
-                self._cache[text] = cached
-        return cached
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _text_with_images(self, text: str, tiles: list[int], cursor: list[int], out: list[int],
-                          spans: list[tuple[int, int]]) -> None:
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        out.extend(self.ids(pieces[0]))
-        for piece in pieces[1:]:
-            n = tiles[cursor[0]]
-            cursor[0] += 1
-            start = len(out)
-            out.append(self.img_start)
-            out.extend([self.img_context] * (n * self.tokens_per_tile))
-            out.append(self.img_end)
-            spans.append((start, len(out)))
-            out.extend(self.ids(piece))
-
-    def encode(self, record: Record, tiles_per_image: list[int], *, generation: bool = False) -> Encoded:
-        """Ids and labels for a record whose images became `tiles_per_image` tiles each.
-
-        With `generation=True` the last gpt turn (if any) is dropped and the assistant prefix is
-        appended: the prompt the model completes at evaluation time, built by the same code.
-        """
+    def render(self, record: Record, tiles_per_image: list[int], *,
+               generation: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation as one string, each image as `<img><IMG_CONTEXT></img>`, and the character
+        span of each supervised part (answer + end token)."""
         t = self.template
         convs = list(record["conversations"])
         system = self.system
@@ -190,35 +209,61 @@ class Encoder:
             convs = convs[:-1]
         n_frames = sum(tiles_per_image) if record.get("video") else 0
         n_images = len(tiles_per_image) if not record.get("video") else 0
-        ids: list[int] = []
-        labels: list[int] = []
-        spans: list[tuple[int, int]] = []
-        cursor = [0]
-        if t.bos and self.tokenizer.bos_token_id is not None:
-            ids.append(self.tokenizer.bos_token_id)
-        if system is not None:
-            ids.extend(self.ids(t.system.format(system=system) + t.end + t.after_end))
+        text = t.system.format(system=system) + t.end + t.after_end if system is not None else ""
+        answers: list[tuple[int, int]] = []
         for turn in convs:
+            value = turn["value"].strip() if t.strip_turns else turn["value"]
             if turn["from"] == "human":
-                text = expand_placeholders(turn["value"], n_images, n_frames)
-                self._text_with_images(t.user + text, tiles_per_image, cursor, ids, spans)
-                ids.extend(self.ids(t.end + t.after_end))
+                value = expand_placeholders(value, n_images, n_frames).replace(IMAGE_PLACEHOLDER, _IMAGE_MARK)
+                text += t.user + value + t.end + t.after_end
             else:
-                labels.extend([IGNORE_INDEX] * (len(ids) - len(labels)))
-                ids.extend(self.ids(t.assistant))
-                labels.extend([IGNORE_INDEX] * (len(ids) - len(labels)))
-                answer = self.ids(turn["value"]) + self.ids(t.end)
-                ids.extend(answer)
-                labels.extend(answer)
-                ids.extend(self.ids(t.after_end))
+                text += t.assistant
+                answers.append((len(text), len(text) + len(value) + len(t.end)))
+                text += value + t.end + t.after_end
         if generation:
-            ids.extend(self.ids(t.assistant))
-        labels.extend([IGNORE_INDEX] * (len(ids) - len(labels)))
-        if cursor[0] != len(tiles_per_image):
-            from adapt.errors import AdaptError
+            text += t.assistant
+        return text, answers
 
-            raise AdaptError(f"record {record.get('id')}: {cursor[0]} image placeholders for {len(tiles_per_image)} images")
-        return Encoded(ids, labels, spans)
+    def encode(self, record: Record, tiles_per_image: list[int], *, generation: bool = False) -> Encoded:
+        """Ids and labels for a record whose images became `tiles_per_image` tiles each.
+
+        With `generation=True` the last gpt turn (if any) is dropped and the assistant prefix is
+        appended: the prompt the model completes at evaluation time, built by the same code.
+        """
+        from adapt.errors import AdaptError
+
+        text, answers = self.render(record, tiles_per_image, generation=generation)
+        whole = self.ids(text)
+        labels = [IGNORE_INDEX] * len(whole)
+        for start, end in answers:
+            first, last = self._boundary(text[:start], whole), self._boundary(text[:end], whole)
+            labels[first:last] = whole[first:last]
+        if whole.count(self.img_context) != len(tiles_per_image):
+            raise AdaptError(f"record {record.get('id')}: {whole.count(self.img_context)} image placeholders "
+                             f"for {len(tiles_per_image)} images")
+        ids, out_labels = list(self.leading), [IGNORE_INDEX] * len(self.leading)
+        spans: list[tuple[int, int]] = []
+        images = iter(tiles_per_image)
+        for token, label in zip(whole, labels):
+            if token == self.img_context:
+                begin = len(ids) - 1  # the `<img>` just before
+                ids.extend([self.img_context] * (next(images) * self.tokens_per_tile))
+                out_labels.extend([IGNORE_INDEX] * (len(ids) - len(out_labels)))
+                spans.append((begin, len(ids) + 1))  # through the `</img>` that follows
+                continue
+            ids.append(token)
+            out_labels.append(label)
+        return Encoded(ids, out_labels, spans)
+
+    def _boundary(self, prefix: str, whole: list[int]) -> int:
+        """Where `prefix` ends in `whole`: the length of the common start of both tokenizations."""
+        part = self.ids(prefix)
+        n = 0
+        for a, b in zip(part, whole):
+            if a != b:
+                break
+            n += 1
+        return n
 
     def stop_token_ids(self) -> list[int]:
         out = []
