@@ -353,6 +353,9 @@ def test_whole_model_logits_match_original(backbone, converted, models):
     torch.testing.assert_close(logits, ref_logits(backbone, sd, llm, embeds), atol=2e-4, rtol=2e-4)
 
 
+INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+
+
 def test_internlm2_tokenizer_is_the_sentencepiece_bpe(converted):
     """Expected ids worked out by hand from sentencepiece BPE: merge the adjacent pair whose merged piece
     has the best score, bytes for characters outside the vocabulary, no dummy prefix, BOS first."""
@@ -370,7 +373,8 @@ def test_internlm2_tokenizer_is_the_sentencepiece_bpe(converted):
     assert tokenizer.decode(tokenizer("hello world hé")["input_ids"], skip_special_tokens=True) == "hello world hé"
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                              add_generation_prompt=True)
-    assert rendered == "<s><|im_start|>user\nhi<|im_end|><|im_start|>assistant\n"
+    # the official default system message, as internlm2-chat training and chat() insert it
+    assert rendered == f"<s><|im_start|>system\n{INTERNVL2_SYSTEM}<|im_end|><|im_start|>user\nhi<|im_end|><|im_start|>assistant\n"
     generation = json.loads((info["dst"] / "generation_config.json").read_text())
     assert ids["<|im_end|>"] in generation["eos_token_id"]
 
@@ -385,8 +389,9 @@ def test_tokenizer_encodes_like_the_source(backbone, converted):
     for token in ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]:
         assert target(token, add_special_tokens=False)["input_ids"] == [info["ids"][token]]
     rendered = target.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert rendered == {"qwen2": "<|im_start|>user\nhi<|im_end|><|im_start|>assistant\n",
-                        "phi3": "<|user|>\nhi<|end|><|assistant|>\n"}[backbone]
+    # the official default system message; Phi-3 starts with <s> as its official preprocessing and chat() do
+    assert rendered == {"qwen2": f"<|im_start|>system\n{INTERNVL2_SYSTEM}<|im_end|><|im_start|>user\nhi<|im_end|><|im_start|>assistant\n",
+                        "phi3": f"<s><|system|>\n{INTERNVL2_SYSTEM}<|end|><|user|>\nhi<|end|><|assistant|>\n"}[backbone]
 
 
 def _error(src, dst, **kwargs) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from adapt.data.templates import IMAGE_SPECIAL_TOKENS, TEMPLATES, chat_template_jinja
+from adapt.data.templates import IMAGE_SPECIAL_TOKENS, TEMPLATES, chat_template_for
 from adapt.errors import AdaptError
 from adapt.fileio import atomic_dir
 
@@ -607,7 +607,7 @@ def _prepare_tokenizer(tokenizer: Any, vocab_size: int, template: str | None, sr
         log.info("embedding has %d rows for %d token ids (padded rows are never produced by the tokenizer)",
                  vocab_size, top)
     if template in TEMPLATES:
-        tokenizer.chat_template = chat_template_jinja(template)
+        tokenizer.chat_template = chat_template_for(tokenizer, template)
     else:
         log.warning("no chat template for template %r; keeping the tokenizer's own", template)
     return tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")

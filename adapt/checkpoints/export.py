@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
 
 from adapt.checkpoints.models import torch_dtype
-from adapt.data.templates import IMG_CONTEXT, IMG_END, IMG_START, Encoder, chat_template_jinja, get_template
+from adapt.data.templates import IMG_CONTEXT, IMG_END, IMG_START, Encoder, chat_template_for, get_template
 from adapt.data.tiling import IMAGENET_MEAN, IMAGENET_STD, normalize
 from adapt.errors import AdaptError
 from adapt.fileio import atomic_dir
@@ -192,17 +192,17 @@ def _write_generation_config(folder: Path, model: PreTrainedModel, tokenizer: An
     generation.save_pretrained(folder)
 
 
-def hf_chat_template(template: str) -> str:
+def hf_chat_template(template: str, tokenizer: Any) -> str:
     """The family chat template with image parts rendered as `<IMG_CONTEXT>`, the placeholder the -hf
     InternVLProcessor (and vLLM) expands into `<img>` + context tokens + `</img>` per image."""
-    return chat_template_jinja(template, image_token=IMG_CONTEXT)
+    return chat_template_for(tokenizer, template, image_token=IMG_CONTEXT)
 
 
 def _write_tokenizer(folder: Path, tokenizer: Any, template: str) -> None:
     """Save the tokenizer, then name the image tokens the way InternVLProcessor looks them up
     (`tokenizer.context_image_token` etc.); the caller's tokenizer object is not modified."""
     tokenizer.save_pretrained(folder)
-    chat = hf_chat_template(template)
+    chat = hf_chat_template(template, tokenizer)
     (folder / "chat_template.jinja").write_text(chat, encoding="utf-8")
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))

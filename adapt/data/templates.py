@@ -2,7 +2,7 @@
 
 Token sequences are the tokenization of the whole rendered conversation, exactly what the official
 training code, `chat()`, `apply_chat_template` and vLLM feed the model. Labels cover each answer and its
-end token, found by where the text before each boundary ends in that tokenization, so they can never
+end token, found from the character spans of the answers in that tokenization, so they can never
 disagree with the input the way the official re-tokenize-and-compare preprocessors do ("tokenization
 mismatch", silently zeroed samples).
 
@@ -125,6 +125,11 @@ def chat_template_jinja(name: str, image_token: str = IMAGE_PLACEHOLDER, *, bos:
     )
 
 
+def chat_template_for(tokenizer, name: str, image_token: str = IMAGE_PLACEHOLDER) -> str:
+    """`chat_template_jinja` for this tokenizer: its BOS written first where training starts with it."""
+    return chat_template_jinja(name, image_token, bos=bool(leading_special_ids(tokenizer, get_template(name))))
+
+
 def leading_special_ids(tokenizer, template: Template) -> list[int]:
     """The ids every sequence starts with: what the tokenizer itself puts in front of any text (its BOS
     when it adds one, as the official code tokenizes with special tokens on), else the BOS the template's
@@ -172,8 +177,8 @@ class Encoder:
     The conversation is rendered to one string (each image as `<img><IMG_CONTEXT></img>`) and tokenized
     whole, as the official `chat()`, `apply_chat_template` and vLLM do, so no text is ever tokenized out of
     its context (a sentencepiece tokenizer would add a word-start piece to each separately tokenized span).
-    Label spans come from tokenizing the text up to each answer boundary and keeping the common prefix;
-    the single `<IMG_CONTEXT>` of each image is then repeated to the image's token count.
+    Labels come from the character spans of the answers (tokenizer offsets); the single `<IMG_CONTEXT>`
+    of each image is then repeated to the image's token count.
     """
 
     def __init__(self, tokenizer, template: Template | str, tokens_per_tile: int = 256,
@@ -191,6 +196,7 @@ class Encoder:
                              hint="use an InternVL tokenizer, or convert the checkpoint with `adapt convert`")
         self.img_start, self.img_end, self.img_context = ids
         self.leading = leading_special_ids(tokenizer, self.template)
+        self.use_offsets = bool(getattr(tokenizer, "is_fast", False))  # slow tokenizers give no offsets
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -233,11 +239,7 @@ class Encoder:
         from adapt.errors import AdaptError
 
         text, answers = self.render(record, tiles_per_image, generation=generation)
-        whole = self.ids(text)
-        labels = [IGNORE_INDEX] * len(whole)
-        for start, end in answers:
-            first, last = self._boundary(text[:start], whole), self._boundary(text[:end], whole)
-            labels[first:last] = whole[first:last]
+        whole, labels = self._tokenize(text, answers)
         if whole.count(self.img_context) != len(tiles_per_image):
             raise AdaptError(f"record {record.get('id')}: {whole.count(self.img_context)} image placeholders "
                              f"for {len(tiles_per_image)} images")
@@ -255,11 +257,28 @@ class Encoder:
             out_labels.append(label)
         return Encoded(ids, out_labels, spans)
 
-    def _boundary(self, prefix: str, whole: list[int]) -> int:
-        """Where `prefix` ends in `whole`: the length of the common start of both tokenizations."""
-        part = self.ids(prefix)
+    def _tokenize(self, text: str, answers: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Ids of `text` and their labels: a token is supervised when it ends inside an answer span (so a
+        token straddling the start of an answer is learned with it, and offsets trimmed of whitespace
+        still land on the right side). Fast tokenizers give character offsets in the same call; for
+        others the answer bounds are where the tokenization of the text before them stops matching."""
+        if self.use_offsets:
+            encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            whole = encoding["input_ids"]
+            labels = [token if any(start < end <= stop for start, stop in answers) else IGNORE_INDEX
+                      for token, (_, end) in zip(whole, encoding["offset_mapping"])]
+            return whole, labels
+        whole = self.ids(text)
+        labels = [IGNORE_INDEX] * len(whole)
+        for start, stop in answers:
+            first, last = self._common_start(text[:start], whole), self._common_start(text[:stop], whole)
+            labels[first:last] = whole[first:last]
+        return whole, labels
+
+    def _common_start(self, prefix: str, whole: list[int]) -> int:
+        """How many leading tokens of `whole` the tokenization of `prefix` shares."""
         n = 0
-        for a, b in zip(part, whole):
+        for a, b in zip(self.ids(prefix), whole):
             if a != b:
                 break
             n += 1
