@@ -155,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--lora-alpha", type=int)
     run.add_argument("--lora-vision", action="store_true")
     run.add_argument("--workers", type=int)
-    run.add_argument("--system", help="system message: none, default, or your own text")
+    run.add_argument("--system", help="system message: default (the template's official one, the default), none, or your own text")
     run.add_argument("--no-pack", action="store_true")
     run.add_argument("--gradient-checkpointing", action="store_true")
     run.add_argument("--train-opt", action="append", help="any TrainConfig key=value")
