@@ -588,7 +588,7 @@ def test_training_data_too_long_or_undecodable(tmp_path, one_thread):
             for i in range(2)
         ],
     ]
-    config = TrainConfig(max_length=400, max_steps=3, pack=False, workers=0, save_steps=1000, logging_steps=1)
+    config = TrainConfig(max_length=560, max_steps=3, pack=False, workers=0, save_steps=1000, logging_steps=1)
     with pytest.warns(RuntimeWarning, match="sample truncated dropped while training: .*truncated") as caught:
         result = train(
             load("tiny", seed=0),
@@ -599,7 +599,7 @@ def test_training_data_too_long_or_undecodable(tmp_path, one_thread):
         )
     assert result.samples == 3 and result.steps == 3  # the run went on over the broken image's batch
     [skip] = result.dropped.skips
-    assert skip.id == "too-long" and skip.row == 0 and "exceed max_length 400" in skip.reason
+    assert skip.id == "too-long" and skip.row == 0 and "exceed max_length 560" in skip.reason
     assert "raise --max-length or lower --max-tiles" in skip.reason
     note(
         "training data",

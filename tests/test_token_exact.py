@@ -392,3 +392,24 @@ def test_phi3_first_and_last_tokens_are_the_official_ones(tokenizers, record_nam
     first = out.labels.index(next(label for label in out.labels if label != IGNORE_INDEX))
     assert out.input_ids[first - 1] == tokenizer.convert_tokens_to_ids("<0x0A>")  # right after `<|assistant|>\n`
     assert out.input_ids[first - 2] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+
+
+@pytest.mark.parametrize(("backbone", "chat", "family"), [
+    ("llama", "internvl2_5", "internvl2_5"),  # InternVL2.5-2B-style: InternLM2 (as llama) with `<|im_end|>\n`
+    ("llama", "internlm2-chat", "internlm2-chat"),
+    ("qwen2", "Hermes-2", "Hermes-2"),
+    ("qwen2", "internvl2_5", "internvl2_5"),
+    ("qwen2", None, "internvl2_5"),
+    ("phi3", "phi3-chat", "phi3-chat"),
+])
+def test_template_detected_from_the_chat_template_separator(backbone, chat, family):
+    """A checkpoint without `config.template` gets the family whose separator its chat template uses: the
+    BOS / system message / separator built for training depend on it."""
+    from transformers import InternVLConfig
+
+    from adapt.checkpoints.models import detect_template, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = chat_template_for(tokenizer, chat) if chat else None
+    config = InternVLConfig(text_config={"model_type": backbone})
+    assert detect_template(config, tokenizer) == family

@@ -115,9 +115,13 @@ def detect_template(config: Any, tokenizer: Any) -> str:
     chat = getattr(tokenizer, "chat_template", None) or ""
     if "<|user|>" in chat or text_type == "phi3":
         return "phi3-chat"
+    # the chat template's separator tells the InternLM2-based internvl2_5 models from internlm2-chat ones,
+    # and Qwen2-based Hermes-2 ones from internvl2_5 ones (the two differ in system message and separator)
+    if "<|im_end|>\\n" in chat or "<|im_end|>\n" in chat:
+        return "internvl2_5"
     if text_type in ("internlm2", "llama") and getattr(tokenizer, "bos_token", None) == "<s>":
         return "internlm2-chat"
-    if "<|im_end|>\\n" in chat or "<|im_end|>\n" in chat or text_type == "qwen2":
+    if text_type == "qwen2" and "<|im_end|>" not in chat:
         return "internvl2_5"
     return "Hermes-2"
 
