@@ -50,9 +50,6 @@ class Template:
     stop: tuple[str, ...] = field(default=())
     strip_turns: bool = False  # strip each turn's text, as the official preprocessing of this family does
 
-    def turn(self, role_prefix: str, text: str) -> str:
-        return f"{role_prefix}{text}{self.end}{self.after_end}"
-
 
 TEMPLATES: dict[str, Template] = {
     "Hermes-2": Template("Hermes-2", "<|im_start|>system\n{system}", "<|im_start|>user\n", "<|im_start|>assistant\n",
