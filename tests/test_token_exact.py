@@ -6,7 +6,9 @@ the official `conversation.py` templates (MPT separator style) render it, with t
 system messages and the official per-family whitespace handling (only `preprocess_internlm` strips each
 turn), every `<image>` expanded to `<img>` + `<IMG_CONTEXT>` x tokens + `</img>`, and the whole string goes
 through the tokenizer in one call. Supervised positions are worked out from the tokenizer's character
-offsets: exactly the tokens that end inside an answer or its end token.
+offsets: exactly the tokens that end inside an answer or its end token. A second reference is the official
+preprocessing itself (`preprocess_mpt`, `preprocess_internlm`, `preprocess_phi3`, `preprocess_internvl2_5`),
+re-implemented below from reading it and compared position by position, BOS and end tokens included.
 """
 
 from __future__ import annotations
