@@ -192,9 +192,11 @@ def test_normal_answers_and_lists_are_kept(answer):
     assert repetition(answer, FilterConfig()) is None
 
 
+WORDS = ["car", "truck", "bus", "road", "lane", "sign", "light", "left", "right", "ahead", "stop", "slow"]
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from("car truck bus road lane sign light left right ahead stop slow".split()),
-                min_size=2, max_size=8), st.integers(4, 10))
+@given(st.lists(st.sampled_from(WORDS), min_size=2, max_size=8), st.integers(4, 10))
 def test_any_phrase_looped_four_times_is_caught(phrase, times):
     assert repetition(" ".join(phrase * times), FilterConfig()) is not None
 
@@ -356,3 +358,65 @@ def test_model_scoring_is_off_by_default_and_batched_with_the_tiny_model(root):
     assert drop_all.apply([Source("s", str(root), records, "domain")]) == []
     assert drop_all.report.to_dict()["sources"]["s"] == {"read": 3, "kept": 0, "removed": {"low_score": 3},
                                                          "contaminated": 0}
+
+
+# -- the hooks: adapt run's filter: section and `adapt filter` ----------------------------------------
+
+def _user_data(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    scene(1).save(folder / "a.jpg", quality=95)
+    scene(2).save(folder / "b.jpg", quality=95)
+    rows = [rec(f"Question number {i} about the scene?", f"Answer {i}.", "ab"[i % 2] + ".jpg", id=f"q{i}")
+            for i in range(12)]
+    rows += [rec("question number 3  about the Scene?", "answer 3.", "b.jpg", id="dup"),
+             rec("Describe the scene.", LOOPING[0], "a.jpg", id="loop")]
+    write_jsonl(folder / "data.jsonl", rows)
+    return folder / "data.jsonl"
+
+
+def test_run_applies_the_filter_section_between_formatting_and_mixing(tmp_path, tiny):
+    from adapt import api
+
+    data = _user_data(tmp_path / "user")
+    config = api.RunConfig(domain="remote_sensing", general_ratio=0, data=[{"kind": "general", "path": str(data),
+                           "name": "mine"}], eval={"holdout": 2}, filter={"perceptual": False})
+    domain, train_config, eval_settings = api.resolve(config)
+    api.prepare_data(config, domain, train_config, eval_settings, tmp_path / "run", tiny)
+    manifest = json.loads((tmp_path / "run" / "mixture" / "manifest.json").read_text())
+    ids = [json.loads(line)["id"] for line in (tmp_path / "run" / "mixture" / "mixture.jsonl").read_text().splitlines()]
+    assert "loop" not in ids and not {"dup", "q3"} <= set(ids)
+    removed_counts = manifest["filter"]["sources"]["mine"]["removed"]
+    assert removed_counts["repetition"] == 1 and sum(removed_counts.values()) == 2  # dup: of q3, or of q3 held out
+    assert manifest["filter"]["config"]["perceptual"] is False
+    assert (tmp_path / "run" / "filter_report.json").is_file()
+    with pytest.raises(AdaptError, match="unknown filter setting"):
+        api.resolve(api.RunConfig(domain="remote_sensing", data=config.data, filter={"dedupe": True}))
+
+
+def test_run_without_a_filter_section_filters_nothing(tmp_path, tiny):
+    from adapt import api
+
+    data = _user_data(tmp_path / "user")
+    config = api.RunConfig(domain="remote_sensing", general_ratio=0, data=[{"kind": "general", "path": str(data),
+                           "name": "mine"}], eval={"holdout": 2})
+    domain, train_config, eval_settings = api.resolve(config)
+    api.prepare_data(config, domain, train_config, eval_settings, tmp_path / "run", tiny)
+    manifest = json.loads((tmp_path / "run" / "mixture" / "manifest.json").read_text())
+    assert "filter" not in manifest and manifest["samples"]["total"] == 12
+
+
+def test_cli_filter_command(tmp_path, capsys):
+    from adapt.cli import main
+
+    data = _user_data(tmp_path / "user")
+    write_jsonl(tmp_path / "bench.jsonl", [rec("Question number 5 about the scene?", "Answer 5.", None, id="e")])
+    code = main(["filter", str(data), "--output", str(tmp_path / "out"), "--eval", str(tmp_path / "bench.jsonl"),
+                 "--remove-contaminated", "--set", "max_token_run=6", "--set", "perceptual=false"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "kept 11 of 14" in printed
+    report = json.loads((tmp_path / "out" / "filter_report.json").read_text())
+    assert report["removed"] == {"duplicate": 1, "repetition": 1, "contaminated": 1}
+    assert report["config"]["max_token_run"] == 6 and report["config"]["perceptual"] is False
+    assert main(["filter", str(data), "--output", str(tmp_path / "o2"), "--set", "dedupe=1"]) == 2
+    assert "unknown filter setting" in capsys.readouterr().err
