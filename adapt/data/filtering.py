@@ -122,6 +122,8 @@ _TAGS = re.compile(r"</?[A-Za-z][^<>]*>")
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 # a token is one CJK character (those scripts do not separate words) or a run of other word characters
 _TOKEN = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
+_ASCII_PUNCTUATION = str.maketrans({c: " " for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~"})
+_ALNUM = re.compile(r"[^\W_]")
 _OPTION = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.+?)\s*$", re.M)
 
 
@@ -131,18 +133,39 @@ def normalize_text(text: str) -> str:
 
 
 def _has_text(text: str) -> bool:
-    return any(ch.isalnum() for ch in text)
+    return _ALNUM.search(text) is not None
 
 
 def turns(record: Record, role: str) -> list[str]:
     return [t.get("value", "") for t in record.get("conversations") or [] if isinstance(t, dict) and t.get("from") == role]
 
 
+def _without_placeholders(text: str) -> str:
+    """The text with `<image>`, `<video>` and `Image-1:` / `Frame-1:` labels blanked (fast path first)."""
+    text = text.replace(IMAGE_PLACEHOLDER, " ").replace(VIDEO_PLACEHOLDER, " ")
+    return _PLACEHOLDERS.sub(" ", text) if ":" in text else text
+
+
+def _normalized_turns(record: Record) -> list[tuple[str, str]]:
+    """(role, normalised text without placeholders) per turn, system turns left out."""
+    return [(t.get("from"), normalize_text(_without_placeholders(t.get("value", ""))))
+            for t in record.get("conversations") or [] if isinstance(t, dict) and t.get("from") != "system"]
+
+
+def _join_turns(normalized: list[tuple[str, str]]) -> str:
+    return "\x1f".join(f"{role}:{text}" for role, text in normalized)
+
+
 def text_key(record: Record) -> str:
     """The normalised conversation, placeholders removed, roles kept (system turns ignored)."""
-    parts = [f"{t.get('from')}:{normalize_text(_PLACEHOLDERS.sub(' ', t.get('value', '')))}"
-             for t in record.get("conversations") or [] if isinstance(t, dict) and t.get("from") != "system"]
-    return "\x1f".join(parts)
+    return _join_turns(_normalized_turns(record))
+
+
+def tokens_of(normalized: str) -> list[str]:
+    """Words (split at spaces and punctuation), and single characters in CJK scripts."""
+    if normalized.isascii():  # 6x faster than the regex, same tokens
+        return normalized.translate(_ASCII_PUNCTUATION).split()
+    return _TOKEN.findall(normalized)
 
 
 def _digest(text: str) -> int:
@@ -151,29 +174,31 @@ def _digest(text: str) -> int:
 
 # -- repetition -----------------------------------------------------------------------------------
 
-def repetition(answer: str, config: FilterConfig) -> str | None:
-    """Why an answer loops (None when it does not)."""
-    lines = answer.splitlines()
-    if len(lines) >= config.max_line_repeats:
+def repetition(answer: str, config: FilterConfig, normalized: str | None = None) -> str | None:
+    """Why an answer loops (None when it does not); `normalized` is `normalize_text(answer)` if known."""
+    if "\n" in answer:
+        lines = answer.splitlines()
         counted = Counter(normalize_text(line) for line in lines if _has_text(line))
         if counted:
             line, n = counted.most_common(1)[0]
             if n >= config.max_line_repeats:
                 return f"line {line[:40]!r} repeated {n} times"
-    tokens = _TOKEN.findall(normalize_text(answer))
+    tokens = tokens_of(normalize_text(answer) if normalized is None else normalized)
     n_tokens = len(tokens)
     if n_tokens < 2:
         return None
-    run = 1
-    for previous, token in zip(tokens, tokens[1:]):
-        run = run + 1 if token == previous else 1
-        if run >= config.max_token_run:
-            return f"token {token!r} repeated {run} times in a row"
     n = config.ngram
-    grams = list(zip(*(tokens[i:] for i in range(n))))
-    repeated = len(grams) - len(set(grams))
-    if n_tokens >= config.min_ngram_tokens and grams and repeated / len(grams) > config.max_ngram_share:
-        return f"{repeated} of {len(grams)} {n}-grams are repeats"
+    n_grams = max(n_tokens - n + 1, 0)
+    repeated = n_grams - len(set(zip(*(tokens[i:] for i in range(n)))))
+    # a run of R equal tokens holds R - n + 1 equal n-grams: look for runs only when that many repeat
+    if repeated >= config.max_token_run - n:
+        run = 1
+        for previous, token in zip(tokens, tokens[1:]):
+            run = run + 1 if token == previous else 1
+            if run >= config.max_token_run:
+                return f"token {token!r} repeated {run} times in a row"
+    if n_tokens >= config.min_ngram_tokens and n_grams and repeated / n_grams > config.max_ngram_share:
+        return f"{repeated} of {n_grams} {n}-grams are repeats"
     k = config.min_tandem_repeats
     # a span of p >= 2 tokens repeated k times holds kp - n + 1 n-grams of which at most p differ
     if repeated >= (k - 1) * 2 - n + 1:
@@ -190,6 +215,8 @@ def repetition(answer: str, config: FilterConfig) -> str | None:
 # -- heuristics -----------------------------------------------------------------------------------
 
 def _box_problem(answer: str, task: str | None) -> str | None:
+    if task != "grounding" and "<box>" not in answer:
+        return None
     tagged = re.findall(r"<box>(.*?)</box>", answer, re.S)
     if task != "grounding" and not tagged:
         return None
@@ -207,18 +234,19 @@ def _box_problem(answer: str, task: str | None) -> str | None:
 
 def _choice_problem(record: Record, question: str, answer: str) -> str | None:
     """Multiple choice: the answer must name one of the choices (by letter, text, or both)."""
-    meta = record.get("meta") or {}
-    said = normalize_text(answer).rstrip(".")
-    listed = meta.get("choices")
+    listed = (record.get("meta") or {}).get("choices")
     if isinstance(listed, list) and listed and all(isinstance(c, str) for c in listed):
         options = {chr(ord("a") + i): normalize_text(c) for i, c in enumerate(listed)}
-        lettered = meta.get("letter") is not None
+        lettered = record["meta"].get("letter") is not None
+    elif not ("\nA" in question or "(A" in question or question.startswith("A")) or "B" not in question:
+        return None
     else:
         found = _OPTION.findall(question)
         letters = [letter for letter, _ in found]
         if len(found) < 2 or letters != [chr(ord("A") + i) for i in range(len(found))]:
             return None
         options, lettered = {letter.lower(): normalize_text(text).rstrip(".") for letter, text in found}, True
+    said = normalize_text(answer).rstrip(".")
     if said in options.values():
         return None
     match = re.match(r"^\(?([a-z])(?:[.):]\s*|\s+|$)(.*)$", said)
@@ -352,6 +380,7 @@ class DataFilter:
         self._eval_images: set[int] = set()
         self._eval_texts: set[int] = set()
         self._eval_videos: set[str] = set()
+        self._resolved: dict[tuple[str, str], _Image | str] = {}
 
     # references
     def add_heldout(self, pairs: Iterable[tuple[Record, str]]) -> None:
@@ -384,20 +413,25 @@ class DataFilter:
 
     # checks
     def _image_infos(self, record: Record, root: str) -> list[_Image | str]:
-        out = []
-        for rel in images_of(record):
-            try:
-                path = str(resolve_inside(root, rel))
-            except AdaptError as err:
-                out.append(err.message)
-                continue
-            out.append(self.images.get(path))
-        return out
+        return [self._image(root, rel) for rel in images_of(record)]
 
-    def _sample_key(self, record: Record, root: str, infos: list[_Image | str] | None = None) -> int | None:
+    def _image(self, root: str, rel: str) -> _Image | str:
+        """An image's entry by (root, relative path): resolving a path costs more than all the rules."""
+        found = self._resolved.get((root, rel))
+        if found is None:
+            try:
+                found = self.images.get(str(resolve_inside(root, rel)))
+            except AdaptError as err:
+                found = err.message
+            self._resolved[(root, rel)] = found
+        return found
+
+    def _sample_key(self, record: Record, root: str, infos: list[_Image | str] | None = None,
+                    text: str | None = None) -> int:
         infos = self._image_infos(record, root) if infos is None else infos
         images = [f"#{i.cluster}" if isinstance(i, _Image) else f"?{rel}" for i, rel in zip(infos, images_of(record))]
-        return _digest("\x1e".join([text_key(record), *images, str(record.get("video") or "")]))
+        text = text_key(record) if text is None else text
+        return _digest("\x1e".join([text, *images, str(record.get("video") or "")]))
 
     def check(self, record: Record, root: str, source: str) -> bool:
         """Keep (True) or remove (False, counted with its reason) one training record."""
@@ -413,6 +447,7 @@ class DataFilter:
     def _reason(self, record: Record, root: str, source: str) -> tuple[str, str] | None:
         config = self.config
         questions, answers = turns(record, "human"), turns(record, "gpt")
+        normalized = _normalized_turns(record)
         needs_images = config.heuristics or config.dedup or config.contamination or self._eval_images
         infos = self._image_infos(record, root) if needs_images else []
         if config.heuristics:
@@ -420,18 +455,19 @@ class DataFilter:
             if found:
                 return found
         if config.repetition:
-            for answer in answers:
-                why = repetition(answer, config)
+            for answer, (_, text) in zip(answers, (pair for pair in normalized if pair[0] == "gpt")):
+                why = repetition(answer, config, text)
                 if why:
                     return "repetition", why
+        text = _join_turns(normalized)
         if self._eval_texts or self._eval_images or self._eval_videos:
-            why = self._contamination(record, infos)
+            why = self._contamination(record, infos, text)
             if why:
                 self.report.contaminated[source] += 1
                 if config.remove_contaminated:
                     return "contaminated", why
         if config.dedup:
-            key = self._sample_key(record, root, infos)
+            key = self._sample_key(record, root, infos, text)
             if key in self._heldout:
                 return "duplicate_heldout", "same text and images as a held-out sample"
             if key in self._seen:
@@ -445,9 +481,9 @@ class DataFilter:
         for answer in answers:
             if not answer.strip():
                 return "empty_answer", "an answer is empty or whitespace"
-            if not _has_text(_TAGS.sub(" ", answer)):
+            if not _has_text(answer) or "<" in answer and not _has_text(_TAGS.sub(" ", answer)):
                 return "markup_only", f"answer {answer[:40]!r} has no text besides markup"
-        if questions and not _has_text(_PLACEHOLDERS.sub(" ", " ".join(questions))):
+        if questions and not _has_text(_without_placeholders(" ".join(questions))):
             return "no_question_text", "the question has no text besides placeholders"
         for info in infos:
             if isinstance(info, str):
@@ -467,13 +503,13 @@ class DataFilter:
                 return "not_a_choice", why
         return None
 
-    def _contamination(self, record: Record, infos: list[_Image | str]) -> str | None:
+    def _contamination(self, record: Record, infos: list[_Image | str], text: str) -> str | None:
         for info, rel in zip(infos, images_of(record)):
             if isinstance(info, _Image) and info.cluster in self._eval_images:
                 return f"image {rel} is (nearly) an evaluation image"
         if record.get("video") and str(record["video"]) in self._eval_videos:
             return f"video {record['video']} is an evaluation video"
-        if _digest(text_key(record)) in self._eval_texts:
+        if _digest(text) in self._eval_texts:
             return "question and answer match an evaluation sample"
         return None
 
@@ -545,7 +581,7 @@ class ModelScorer:
         return cls(model, tokenizer, **kwargs)
 
     def _text(self, record: Record) -> str:
-        question = _PLACEHOLDERS.sub(" ", "\n".join(turns(record, "human"))).strip()
+        question = _without_placeholders("\n".join(turns(record, "human"))).strip()
         content = self.prompt.format(question=question, answer="\n".join(turns(record, "gpt")))
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
