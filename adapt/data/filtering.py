@@ -36,7 +36,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from adapt.data.boxes import GRID, parse_boxes
 from adapt.data.images import difference_hash
@@ -255,6 +255,57 @@ def _choice_problem(record: Record, question: str, answer: str) -> str | None:
     return f"answer {answer[:40]!r} is not one of the {len(options)} choices"
 
 
+class TextVerdict(NamedTuple):
+    """What the rules that read only a record's text decide (so worker processes can compute it)."""
+
+    reason: tuple[str, str] | None
+    text: int  # digest of the normalised conversation (`text_key`)
+
+
+def text_verdict(record: Record, config: FilterConfig) -> TextVerdict:
+    """Text heuristics (empty / markup-only answers, no question, boxes, choices), then repetition."""
+    questions, answers = turns(record, "human"), turns(record, "gpt")
+    normalized = _normalized_turns(record)
+    reason = _text_problem(record, questions, answers) if config.heuristics else None
+    if reason is None and config.repetition:
+        for answer, (_, text) in zip(answers, (pair for pair in normalized if pair[0] == "gpt")):
+            why = repetition(answer, config, text)
+            if why:
+                reason = ("repetition", why)
+                break
+    return TextVerdict(reason, _digest(_join_turns(normalized)))
+
+
+def _text_problem(record: Record, questions: list[str], answers: list[str]) -> tuple[str, str] | None:
+    for answer in answers:
+        if not answer.strip():
+            return "empty_answer", "an answer is empty or whitespace"
+        if not _has_text(answer) or "<" in answer and not _has_text(_TAGS.sub(" ", answer)):
+            return "markup_only", f"answer {answer[:40]!r} has no text besides markup"
+    if questions and not _has_text(_without_placeholders(" ".join(questions))):
+        return "no_question_text", "the question has no text besides placeholders"
+    task = (record.get("meta") or {}).get("task")
+    for answer in answers:
+        why = _box_problem(answer, task)
+        if why:
+            return "bad_box", why
+    if len(questions) == 1 and len(answers) == 1:
+        why = _choice_problem(record, questions[0], answers[0])
+        if why:
+            return "not_a_choice", why
+    return None
+
+
+def _image_problem(info: _Image | str, config: FilterConfig) -> tuple[str, str] | None:
+    if isinstance(info, str):
+        return "unreadable_image", info
+    if min(info.width, info.height) < config.min_image_side:
+        return "small_image", f"image is {info.width}x{info.height}, below {config.min_image_side} px"
+    if max(info.width, info.height) / min(info.width, info.height) > config.max_aspect_ratio:
+        return "aspect_ratio", f"image is {info.width}x{info.height}, beyond {config.max_aspect_ratio}:1"
+    return None
+
+
 # -- images ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -427,47 +478,43 @@ class DataFilter:
         return found
 
     def _sample_key(self, record: Record, root: str, infos: list[_Image | str] | None = None,
-                    text: str | None = None) -> int:
+                    text: int | None = None) -> int:
         infos = self._image_infos(record, root) if infos is None else infos
         images = [f"#{i.cluster}" if isinstance(i, _Image) else f"?{rel}" for i, rel in zip(infos, images_of(record))]
-        text = text_key(record) if text is None else text
-        return _digest("\x1e".join([text, *images, str(record.get("video") or "")]))
+        text = _digest(text_key(record)) if text is None else text
+        return _digest("\x1e".join([str(text), *images, str(record.get("video") or "")]))
 
-    def check(self, record: Record, root: str, source: str) -> bool:
-        """Keep (True) or remove (False, counted with its reason) one training record."""
+    def check(self, record: Record, root: str, source: str, verdict: TextVerdict | None = None) -> bool:
+        """Keep (True) or remove (False, counted with its reason) one training record. `verdict` is
+        `text_verdict(record, config)` when a worker process computed it already."""
         report = self.report
         report.read[source] += 1
-        reason = self._reason(record, root, source)
+        reason = self._reason(record, root, source, verdict or text_verdict(record, self.config))
         if reason is not None:
             report.note(*reason[:1], source, record, reason[1])
             return False
         report.kept[source] += 1
         return True
 
-    def _reason(self, record: Record, root: str, source: str) -> tuple[str, str] | None:
+    def _reason(self, record: Record, root: str, source: str, verdict: TextVerdict) -> tuple[str, str] | None:
         config = self.config
-        questions, answers = turns(record, "human"), turns(record, "gpt")
-        normalized = _normalized_turns(record)
-        needs_images = config.heuristics or config.dedup or config.contamination or self._eval_images
+        if verdict.reason is not None:
+            return verdict.reason
+        needs_images = config.heuristics or config.dedup or self._eval_images
         infos = self._image_infos(record, root) if needs_images else []
         if config.heuristics:
-            found = self._heuristic(record, questions, answers, infos)
-            if found:
-                return found
-        if config.repetition:
-            for answer, (_, text) in zip(answers, (pair for pair in normalized if pair[0] == "gpt")):
-                why = repetition(answer, config, text)
-                if why:
-                    return "repetition", why
-        text = _join_turns(normalized)
+            for info in infos:
+                found = _image_problem(info, config)
+                if found:
+                    return found
         if self._eval_texts or self._eval_images or self._eval_videos:
-            why = self._contamination(record, infos, text)
+            why = self._contamination(record, infos, verdict.text)
             if why:
                 self.report.contaminated[source] += 1
                 if config.remove_contaminated:
                     return "contaminated", why
         if config.dedup:
-            key = self._sample_key(record, root, infos, text)
+            key = self._sample_key(record, root, infos, verdict.text)
             if key in self._heldout:
                 return "duplicate_heldout", "same text and images as a held-out sample"
             if key in self._seen:
@@ -475,41 +522,13 @@ class DataFilter:
             self._seen.add(key)
         return None
 
-    def _heuristic(self, record: Record, questions: list[str], answers: list[str],
-                   infos: list[_Image | str]) -> tuple[str, str] | None:
-        config = self.config
-        for answer in answers:
-            if not answer.strip():
-                return "empty_answer", "an answer is empty or whitespace"
-            if not _has_text(answer) or "<" in answer and not _has_text(_TAGS.sub(" ", answer)):
-                return "markup_only", f"answer {answer[:40]!r} has no text besides markup"
-        if questions and not _has_text(_without_placeholders(" ".join(questions))):
-            return "no_question_text", "the question has no text besides placeholders"
-        for info in infos:
-            if isinstance(info, str):
-                return "unreadable_image", info
-            if min(info.width, info.height) < config.min_image_side:
-                return "small_image", f"image is {info.width}x{info.height}, below {config.min_image_side} px"
-            if max(info.width, info.height) / min(info.width, info.height) > config.max_aspect_ratio:
-                return "aspect_ratio", f"image is {info.width}x{info.height}, beyond {config.max_aspect_ratio}:1"
-        task = (record.get("meta") or {}).get("task")
-        for answer in answers:
-            why = _box_problem(answer, task)
-            if why:
-                return "bad_box", why
-        if len(questions) == 1 and len(answers) == 1:
-            why = _choice_problem(record, questions[0], answers[0])
-            if why:
-                return "not_a_choice", why
-        return None
-
-    def _contamination(self, record: Record, infos: list[_Image | str], text: str) -> str | None:
+    def _contamination(self, record: Record, infos: list[_Image | str], text: int) -> str | None:
         for info, rel in zip(infos, images_of(record)):
             if isinstance(info, _Image) and info.cluster in self._eval_images:
                 return f"image {rel} is (nearly) an evaluation image"
         if record.get("video") and str(record["video"]) in self._eval_videos:
             return f"video {record['video']} is an evaluation video"
-        if _digest(text) in self._eval_texts:
+        if text in self._eval_texts:
             return "question and answer match an evaluation sample"
         return None
 
