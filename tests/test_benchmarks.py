@@ -68,4 +68,4 @@ def test_filter_scale_smoke():
         assert r["records"] == 3000 and r["distinct_images"] == r["pool"] + 8  # training pool + evaluation pool
         assert {"duplicate", "repetition", "markup_only", "contaminated"} <= set(r["removed"])
         assert r["kept"] + sum(r["removed"].values()) == 3000
-    assert re.search(rf"\| 16 \| 3000 \| {NUMBER} \| \d+ \| \d+ \|", out)
+    assert re.search(rf"\| 16 \| 3000 \| {NUMBER} \| \d+ \| {NUMBER} / {NUMBER} \| \d+ / \d+ \|", out)
