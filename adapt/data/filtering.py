@@ -416,10 +416,11 @@ class FilterReport:
 
 
 class DataFilter:
-    """Applies rules 1-3 and 5 record by record (streaming) and rule 4 in batches.
+    """Applies rules 1-3 and 5 record by record (streaming) and rule 4 in batches (`apply`).
 
-    `reference` sets (held-out, evaluation) are registered first; then `check` each training record
-    in order: the first copy of a sample is kept, later copies are duplicates.
+    Register the held-out and evaluation sets first (`add_heldout`, `add_evaluation`), then `check`
+    each training record in order: the first copy of a sample is kept, later copies are duplicates.
+    Memory: one 8-byte key per kept sample and one entry per distinct image file.
     """
 
     def __init__(self, config: FilterConfig | None = None) -> None:
@@ -437,9 +438,7 @@ class DataFilter:
     def add_heldout(self, pairs: Iterable[tuple[Record, str]]) -> None:
         """Held-out samples: training copies of them are removed (rule 1)."""
         for record, root in pairs:
-            key = self._sample_key(record, root)
-            if key is not None:
-                self._heldout.add(key)
+            self._heldout.add(self._sample_key(record, root))
 
     def add_evaluation(self, pairs: Iterable[tuple[Record, str]]) -> None:
         """Evaluation samples: training samples sharing an image or the question/answer are flagged."""
