@@ -35,7 +35,7 @@ import yaml
 
 import formatters
 from adapt.checkpoints import models
-from adapt.data import mixing
+from adapt.data import filtering, mixing
 from adapt.data.records import Record
 from adapt.data.samples import SampleBuilder
 from adapt.errors import AdaptError, Report
@@ -115,6 +115,7 @@ class RunConfig:
     general: list[dict[str, Any]] = field(default_factory=list)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     eval: dict[str, Any] = field(default_factory=dict)
+    filter: dict[str, Any] = field(default_factory=dict)  # FilterConfig settings over the recipe's; {}: no filter
     strict: bool = False
     runs_dir: str = "runs"
     name: str | None = None
@@ -196,6 +197,7 @@ def resolve(config: RunConfig) -> tuple[Domain, TrainConfig, dict[str, Any]]:
     if config.demo and domain.demo is None:
         raise AdaptError(f"domain {domain.name!r} has no demo data", hint="pass --data KIND=PATH")
     train_config = TrainConfig.from_dict({**domain.train_defaults(config.demo), "seed": config.seed, **config.train})
+    filtering.FilterConfig.from_dict({**domain.filter, **config.filter})  # bad settings fail before any work
     eval_settings = {**domain.eval_settings(config.demo), **config.eval}
     unknown = sorted(set(eval_settings) - set(DEFAULT_EVAL))
     if unknown:
@@ -327,11 +329,17 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
             train_part, held_part = mixing.split_holdout(source, n, seed)
             keep.append(train_part)
             heldout[kind] += [(r, held_part.root) for r in held_part.records]
+    train_domain, train_general, filtered = filtering.filter_training(
+        {**domain.filter, **config.filter}, train_domain, train_general, heldout["domain"] + heldout["general"],
+        data_dir)
     builder = make_builder(loaded, train_config)
     mixture = mixing.mix(train_domain, train_general if config.general_ratio > 0 else [],
                          general_ratio=config.general_ratio, mix_by=config.mix_by, seed=seed,
                          upsample=config.upsample or config.demo, measure=mixing.supervised_tokens(builder))
     mixture.save(mixture_dir, plan=builder.plan)
+    if filtered is not None:
+        filtering.record_in_manifest(mixture_dir / "manifest.json", filtered)
+        say(filtered.summary())
     atomic_write_text(heldout_file, json.dumps(heldout, ensure_ascii=False))
     say(mixture.summary())
     if report.skipped:

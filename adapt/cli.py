@@ -2,6 +2,7 @@
 
     adapt run --domain driving --general-ratio 0.25      # the demo when no --data is given
     adapt format KIND --input SRC --output OUT [--opt key=value] [--strict]
+    adapt filter INPUT... --output OUT [--eval SET] [--heldout SET] [--set key=value] [--config YAML]
     adapt eval RUN_DIR [--model DIR]
     adapt export RUN_DIR --out DIR
     adapt convert SRC DST
@@ -93,6 +94,28 @@ def cmd_format(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_filter(args: argparse.Namespace) -> int:
+    from adapt import api
+    from adapt.data import filtering
+
+    settings = dict((api.load_config_file(args.config).get("filter") or {}) if args.config else {})
+    settings.update({key: _setting(value) for key, value in _options(args.set).items()})
+    settings["contamination"] = list(settings.get("contamination") or []) + list(args.eval or [])
+    settings["remove_contaminated"] = settings.get("remove_contaminated", False) or args.remove_contaminated
+    report = filtering.filter_files(args.inputs, args.output, filtering.FilterConfig.from_dict(settings),
+                                    heldout=args.heldout or [], strict=args.strict)
+    print(report.summary())
+    print(f"wrote {Path(args.output) / 'meta.json'} and {Path(args.output) / 'filter_report.json'}")
+    return 0
+
+
+def _setting(text: str) -> Any:
+    """A --set value as YAML reads it (3 -> int, 0.5 -> float, false -> bool, [a, b] -> list)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from adapt import api
 
@@ -176,6 +199,17 @@ def parser() -> argparse.ArgumentParser:
     fmt.add_argument("--strict", action="store_true")
     fmt.add_argument("--overwrite", action="store_true")
     fmt.set_defaults(func=cmd_format)
+
+    flt = sub.add_parser("filter", help="drop duplicate, looping, broken or contaminated samples (a report says which)")
+    flt.add_argument("inputs", nargs="+", help="formatted folders, InternVL meta .json or .jsonl files")
+    flt.add_argument("--output", required=True, help="folder for the kept records, meta.json and filter_report.json")
+    flt.add_argument("--eval", action="append", help="an evaluation set to check for contamination (repeatable)")
+    flt.add_argument("--remove-contaminated", action="store_true", help="remove contaminated samples, not just report")
+    flt.add_argument("--heldout", action="append", help="a held-out set: training copies of it are removed")
+    flt.add_argument("--set", action="append", help="a filter setting key=value (repeatable), e.g. perceptual=false")
+    flt.add_argument("--config", help="a run config YAML whose filter: section to use (--set overrides it)")
+    flt.add_argument("--strict", action="store_true", help="fail on the first invalid row instead of skipping it")
+    flt.set_defaults(func=cmd_filter)
 
     ev = sub.add_parser("eval", help="evaluate a run's model on its held-out sets")
     ev.add_argument("run_dir")

@@ -78,6 +78,7 @@ class Domain:
     general: list[DataSource] = field(default_factory=list)
     train: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    filter: dict[str, Any] = field(default_factory=dict)  # adapt.data.filtering.FilterConfig settings; {}: off
     demo: Callable[[Path, int], tuple[list[DataSource], list[DataSource]]] | None = None
     demo_train: dict[str, Any] = field(default_factory=dict)  # overrides for the tiny CPU demo
     demo_eval: dict[str, Any] = field(default_factory=dict)
@@ -100,7 +101,7 @@ def load_yaml_domain(path: str | Path) -> Domain:
         raise AdaptError(f"domain recipe is not valid YAML ({err})", path=path) from None
     if not isinstance(raw, dict) or "name" not in raw:
         raise AdaptError("a domain recipe is a YAML mapping with at least 'name' and 'sources'", path=path)
-    accepted = ("name", "summary", "sources", "general", "train", "eval")
+    accepted = ("name", "summary", "sources", "general", "train", "eval", "filter")
     unknown = set(raw) - set(accepted)
     if unknown:
         raise AdaptError(f"unknown key(s) in domain recipe: {', '.join(sorted(unknown))}", path=path,
@@ -119,4 +120,5 @@ def load_yaml_domain(path: str | Path) -> Domain:
         return out
 
     return Domain(name=str(raw["name"]), summary=str(raw.get("summary", "")), sources=sources("sources"),
-                  general=sources("general"), train=dict(raw.get("train") or {}), eval=dict(raw.get("eval") or {}))
+                  general=sources("general"), train=dict(raw.get("train") or {}), eval=dict(raw.get("eval") or {}),
+                  filter=dict(raw.get("filter") or {}))

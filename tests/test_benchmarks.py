@@ -56,3 +56,16 @@ def test_data_pipeline_runs():
     for label in ("adapt sample builder", "official recipe", "bare JPEG decode"):
         assert re.search(rf"{label}\s*:\s*{NUMBER} ms", out), label
     assert re.search(rf"speed-up vs official :\s*{NUMBER}x", out)
+
+
+def test_filter_scale_smoke():
+    import json
+
+    out = _run("benchmarks/filter_scale.py", "--records", "3000", "--pools", "4", "16", "--smoke")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["pool"] for r in rows] == [4, 16]
+    for r in rows:
+        assert r["records"] == 3000 and r["distinct_images"] == r["pool"] + 8  # training pool + evaluation pool
+        assert {"duplicate", "repetition", "markup_only", "contaminated"} <= set(r["removed"])
+        assert r["kept"] + sum(r["removed"].values()) == 3000
+    assert re.search(rf"\| 16 \| 3000 \| {NUMBER} \| \d+ \| {NUMBER} / {NUMBER} \| \d+ / \d+ \|", out)

@@ -66,6 +66,11 @@ def test_inspect_data_shows_views_boxes_tokens_and_histograms(shared):
     text = stdout(nb)
     assert re.search(r"\d+ domain records", text)
     assert "box" in text
+    assert re.search(r"filter: kept \d+ of \d+ records", text)  # removed samples per rule
+    assert re.search(r"made-up: kept 0 of 4 \((?=.*duplicate: 1)(?=.*repetition: 1)(?=.*markup_only: 1)"
+                     r"(?=.*no_question_text: 1)", text)
+    for rule in ("duplicate", "repetition", "markup_only", "no_question_text"):
+        assert f"<td>{rule}</td>" in html
 
 
 def test_mixing_ratios_sweeps_tabulates_and_plots(shared):

@@ -56,3 +56,22 @@ def resize(array: np.ndarray, width: int, height: int, resample: str = "torch") 
         tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
     out = torch.nn.functional.interpolate(tensor, size=(height, width), mode="bicubic", antialias=True)
     return out[0].permute(1, 2, 0).numpy()
+
+
+def difference_hash(data: bytes, hash_size: int = 8) -> tuple[int, int, int]:
+    """(dHash, width, height) of an encoded image: a perceptual hash for near-duplicate detection.
+
+    The definition is imagehash's `dhash` (grey, LANCZOS resize to (hash_size + 1) x hash_size, bit set
+    where a pixel is brighter than its left neighbour, bits row-major, first bit most significant).
+    imagehash itself is not used: it needs PyWavelets (not in this environment) and SciPy, and decodes
+    the whole image (10.0 ms CPU for a 1600x900 JPEG), while here a JPEG is decoded at 1/8 scale through
+    libjpeg's DCT scaling (`draft`, 1.8 ms); the hash stays within a few bits of the full-decode one and
+    re-encoded copies land within a few bits (tests/test_filtering.py).
+    """
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    image.draft("L", (hash_size * 4, hash_size * 4))  # JPEG only; a no-op for other formats
+    grey = np.asarray(image.convert("L").resize((hash_size + 1, hash_size), Image.Resampling.LANCZOS),
+                      dtype=np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big"), width, height
