@@ -98,10 +98,14 @@ def locate_model(name: str, *, timeout: float = HUB_TIMEOUT) -> ModelLocation:
     if cached is not None:
         return ModelLocation(name, "cached", cached, check_model_folder(cached, hub_id=name))
     if hub_offline():
-        raise AdaptError(f"the hub is in offline mode (HF_HUB_OFFLINE) and {name} is not in the local cache "
-                         f"({hub_cache()})", hint=f"download it where there is network (hf download {name}) and "
-                         "copy the cache here, or pass --model /path/to/the/model/folder")
+        raise _offline_and_not_cached(name)
     return ModelLocation(name, "hub", None, _check_on_hub(name, timeout))
+
+
+def _offline_and_not_cached(name: str) -> AdaptError:
+    return AdaptError(f"the hub is in offline mode (HF_HUB_OFFLINE) and {name} is not in the local cache "
+                      f"({hub_cache()})", hint=f"download it where there is network (hf download {name}) and "
+                      "copy the cache here, or pass --model /path/to/the/model/folder")
 
 
 def _could_be_hub_id(name: str) -> bool:
@@ -136,7 +140,9 @@ def _check_on_hub(repo_id: str, timeout: float) -> int:
         raise AdaptError(f"there is no model {repo_id} on the hub ({hub_endpoint()})",
                          hint="check the spelling (e.g. OpenGVLab/InternVL3-1B-hf); private models need "
                          "hf auth login") from None
-    except (OfflineModeIsEnabled, httpx2.TransportError) as err:
+    except OfflineModeIsEnabled:  # offline since huggingface_hub was imported
+        raise _offline_and_not_cached(repo_id) from None
+    except httpx2.TransportError as err:
         raise AdaptError(f"the hub ({hub_endpoint()}) cannot be reached ({type(err).__name__}: {err}) and {repo_id} "
                          f"is not in the local cache ({hub_cache()})",
                          hint=f"connect to the network, or download it elsewhere (hf download {repo_id}) and pass "
