@@ -284,23 +284,37 @@ def test_unreachable_hub_through_the_cli_in_a_fresh_process(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # quiet means quiet
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-def test_quiet_demo_prints_only_the_final_table(tmp_path, capfd):
+def _small_demo(tmp_path: Path) -> list[str]:
+    """`adapt run` arguments for the driving demo at reduced size: its sources written smaller (2
+    scenes), its training and evaluation settings, 2 steps."""
+    from domains.driving import DRIVING
+    from formatters.synthetic.general import write_general_demo
+    from formatters.synthetic.nuscenes import write_nuscenes
+
+    nuscenes = write_nuscenes(tmp_path / "src" / "nuscenes", n_scenes=2, samples_per_scene=6, seed=0,
+                              distractors=False)
+    general = write_general_demo(tmp_path / "src" / "general", n=12, seed=0)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "domain": "driving", "general_ratio": 0.25,
-        "train": {"max_steps": 2, "save_steps": 1000, "workers": 0, "logging_steps": 1},
-        "eval": {"holdout": 2, "general_holdout": 1, "max_new_tokens": 2}}))
-    runs = tmp_path / "runs"
-    code = main(["run", "--config", str(config), "--runs-dir", str(runs), "--name", "quiet", "--no-export", "--quiet"])
+        "data": [{"kind": "driving", "path": str(nuscenes), "options": {"questions": "perception"}}],
+        "general": [{"kind": "general", "path": str(general)}],
+        "train": {**DRIVING.demo_train, "max_steps": 2, "logging_steps": 1, "workers": 0},
+        "eval": {**DRIVING.demo_eval, "holdout": 2, "general_holdout": 1, "max_new_tokens": 2}}))
+    return ["run", "--config", str(config), "--runs-dir", str(tmp_path / "runs"), "--no-export"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_quiet_run_prints_only_the_final_table(tmp_path, capfd):
+    code = main([*_small_demo(tmp_path), "--name", "quiet", "--quiet"])
     out, err = capfd.readouterr()
     assert code == 0, err[-3000:]
     lines = [line for line in (out + err).splitlines() if line.strip()]
     table = [line for line in lines if line.startswith("|")]
     assert table and "before vs after" in out
     assert not [line for line in lines if "it/s" in line or "s/it" in line or "'loss'" in line], lines
-    # the table, its heading, the JSON summary; nothing per step, shard or source
+    # the table, its heading and the JSON summary (12 lines); nothing per step, shard or source
     assert len(lines) <= len(table) + 1 + 12, "\n".join(lines)
-    log = (runs / "quiet" / "logs" / "run.log").read_text()
-    assert "running the driving DEMO" in log and "step 2: " in log and "before vs after" in log
+    log = (tmp_path / "runs" / "quiet" / "logs" / "run.log").read_text()
+    assert "formatting done" in log and "step 2: " in log and "before vs after" in log
