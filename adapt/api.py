@@ -437,7 +437,8 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
             shutil.copyfile(cached, before_path)
         else:
             say("evaluating the model before fine-tuning")
-            before = evaluation.evaluate(loaded, eval_builder, data.heldout, **eval_kwargs)
+            with console.phase("evaluation (before)", total=_eval_steps(data.heldout), unit="q") as bar:
+                before = evaluation.evaluate(loaded, eval_builder, data.heldout, **eval_kwargs, progress=bar)
             evaluation.save_report(before, before_path)
             if cached is not None:
                 evaluation.save_report(before, cached)
@@ -451,7 +452,8 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
         model = result.model if result.final_dir is None else from_checkpoint(result.final_dir, config, train_config).model
         trained = models.Loaded(model, loaded.tokenizer, loaded.template, loaded.source)
         say("evaluating the fine-tuned model")
-        after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs)
+        with console.phase("evaluation (after)", total=_eval_steps(data.heldout), unit="q") as bar:
+            after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs, progress=bar)
         evaluation.save_report(after, after_path)
         table = evaluation.comparison_markdown(before, after)
         atomic_write_text(run_dir / "eval" / "report.md", f"# {run_dir.name}\n\n{table}")
@@ -469,6 +471,11 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
     state.wait_for_everyone()
     return RunResult(run_dir, json.loads(before_path.read_text()), json.loads(after_path.read_text()), export_dir,
                      result.steps)
+
+
+def _eval_steps(heldout: dict[str, list[tuple[Record, str]]]) -> int:
+    """What the evaluation display counts: each held-out entry answered, then scored by its loss."""
+    return 2 * sum(len(entries) for entries in heldout.values())
 
 
 def base_eval_cache(shared_dir: Path | None, config: RunConfig, train_config: TrainConfig,

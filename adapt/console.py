@@ -36,25 +36,24 @@ def quiet() -> bool:
 
 @contextmanager
 def session(*, quiet: bool) -> Iterator[None]:
-    """Quiet (or not) for the length of a run; the libraries' own progress bars go quiet with it and
-    come back afterwards."""
+    """Quiet (or not) for the length of a run. transformers' own bars (one per weight shard loaded or
+    written) never show during a run; the hub's download bars show unless quiet. Both come back after."""
     global _quiet, _log_file
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
     saved = _quiet, _log_file, are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
     _quiet, _log_file = quiet, None
-    if quiet:
-        disable_progress_bars()
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # switches the hub's bars off too
+    if not quiet:
+        enable_progress_bars()
     try:
         yield
     finally:
         _quiet, _log_file, hub_disabled, hf_enabled = saved
-        if not hub_disabled:
-            enable_progress_bars()
         if hf_enabled:
             hf_logging.enable_progress_bar()
+        (disable_progress_bars if hub_disabled else enable_progress_bars)()
 
 
 def log_to(path: Path | None) -> None:
@@ -96,10 +95,11 @@ def result(message: str) -> None:
 
 
 @contextmanager
-def phase(name: str, *, total: int | None = None, unit: str = "it") -> Iterator[tqdm]:
-    """The one progress display of a phase (hidden when quiet and on the other ranks); its duration
-    goes to the run log."""
-    bar = tqdm(total=total, desc=name, unit=unit, disable=_quiet or not is_main_process(), dynamic_ncols=True)
+def phase(name: str, *, total: int | None = None, unit: str = "it", show: bool = True) -> Iterator[tqdm]:
+    """The one progress display of a phase (hidden when quiet, when not `show`, and on the other
+    ranks); its duration goes to the run log."""
+    bar = tqdm(total=total, desc=name, unit=unit, disable=_quiet or not show or not is_main_process(),
+               dynamic_ncols=True)
     started = time.monotonic()
     try:
         yield bar

@@ -318,3 +318,15 @@ def test_quiet_run_prints_only_the_final_table(tmp_path, capfd):
     assert len(lines) <= len(table) + 1 + 12, "\n".join(lines)
     log = (tmp_path / "runs" / "quiet" / "logs" / "run.log").read_text()
     assert "formatting done" in log and "step 2: " in log and "before vs after" in log
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_one_progress_display_per_phase(tmp_path, capfd):
+    code = main([*_small_demo(tmp_path), "--name", "loud"])
+    out, err = capfd.readouterr()
+    assert code == 0, err[-3000:]
+    updates = [u.strip() for u in err.replace("\r", "\n").splitlines() if "%|" in u or "rec [" in u]
+    labels = {u.split(":")[0] if not u[0].isdigit() else "training" for u in updates}
+    assert labels == {"formatting", "planning", "training", "evaluation (before)", "evaluation (after)"}, labels
+    assert "driving-nuscenes: read 12" in out  # each source's summary line, but no bar of its own

@@ -36,6 +36,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_atten
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.trainer_callback import PrinterCallback
 
+from adapt import console
 from adapt.checkpoints.models import Loaded, count_parameters
 from adapt.data.batching import Collator, pack_bins
 from adapt.data.records import Record, images_of
@@ -594,7 +595,8 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
                          hint="resume that run (adapt run --resume RUN_DIR), or train into a new folder")
     builder = make_builder(loaded, config)
     dropped = Report(name="samples")
-    planned = plan_all(builder, list(entries), dropped)
+    with console.phase("planning", total=len(entries), unit="sample", show=progress) as bar:
+        planned = plan_all(builder, list(entries), dropped, progress=bar)
     kept = [(e, p) for e, p in zip(entries, planned) if p is not None]
     if not kept:
         raise AdaptError("no usable training sample (every record was dropped)",
