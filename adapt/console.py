@@ -49,6 +49,9 @@ def session(*, quiet: bool) -> Iterator[None]:
         enable_progress_bars()
     try:
         yield
+    except Exception as err:  # the CLI prints it; the run log keeps it beside the run's messages
+        log(f"error: {err}")
+        raise
     finally:
         _quiet, _log_file, hub_disabled, hf_enabled = saved
         if hf_enabled:

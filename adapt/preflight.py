@@ -87,7 +87,7 @@ def locate_model(name: str, *, timeout: float = HUB_TIMEOUT) -> ModelLocation:
     from adapt.checkpoints.models import PRESETS
 
     if name in PRESETS:
-        return ModelLocation(name, "preset")
+        return ModelLocation(name, "preset", None, _preset_bytes(name))
     path = Path(name).expanduser()
     if path.exists():
         return ModelLocation(name, "folder", path, check_model_folder(path))
@@ -106,6 +106,18 @@ def _offline_and_not_cached(name: str) -> AdaptError:
     return AdaptError(f"the hub is in offline mode (HF_HUB_OFFLINE) and {name} is not in the local cache "
                       f"({hub_cache()})", hint=f"download it where there is network (hf download {name}) and "
                       "copy the cache here, or pass --model /path/to/the/model/folder")
+
+
+def _preset_bytes(name: str) -> int:
+    """fp32 weight size of a random-init preset, counted on the meta device (nothing allocated)."""
+    import torch
+    from transformers import InternVLForConditionalGeneration
+
+    from adapt.checkpoints.models import preset_config
+
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(preset_config(name))
+    return 4 * sum(p.numel() for p in model.parameters())
 
 
 def _could_be_hub_id(name: str) -> bool:
