@@ -68,8 +68,8 @@ def log_to(path: Path | None) -> None:
 
 
 def log(message: str) -> None:
-    """The run log only."""
-    if _log_file is not None and is_main_process():
+    """The run log only (nothing once a failed start has removed its run directory)."""
+    if _log_file is not None and _log_file.parent.is_dir() and is_main_process():
         with open(_log_file, "a", encoding="utf-8") as file:
             file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
