@@ -47,6 +47,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 FOLDER_KINDS = {"driving", "rsvqa"}
 
 
+_CONFIRMED_ON_HUB: dict[tuple[str, str], int] = {}  # (endpoint, hub id) -> weight bytes
+
+
 @dataclass(frozen=True)
 class ModelLocation:
     """Where a model reference points: `kind` is preset, folder, cached or hub; `folder` is the local
@@ -99,7 +102,10 @@ def locate_model(name: str, *, timeout: float = HUB_TIMEOUT) -> ModelLocation:
         return ModelLocation(name, "cached", cached, check_model_folder(cached, hub_id=name))
     if hub_offline():
         raise _offline_and_not_cached(name)
-    return ModelLocation(name, "hub", None, _check_on_hub(name, timeout))
+    key = (hub_endpoint(), name)
+    if key not in _CONFIRMED_ON_HUB:  # asked once per process: the preflight's answer serves the load
+        _CONFIRMED_ON_HUB[key] = _check_on_hub(name, timeout)
+    return ModelLocation(name, "hub", None, _CONFIRMED_ON_HUB[key])
 
 
 def _offline_and_not_cached(name: str) -> AdaptError:

@@ -153,6 +153,7 @@ def test_reachable_native_hub_model_passes_with_its_weight_size(online, monkeypa
     location = locate_model(HUB_ID, timeout=2)
     server.shutdown()
     assert (location.kind, location.folder, location.weight_bytes) == ("hub", None, 1000)
+    assert locate_model(HUB_ID, timeout=2) == location  # the load after the preflight does not ask again
 
 
 @pytest.fixture(scope="module")
