@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import yaml
+from tqdm import tqdm
 
 import formatters
 from adapt import console, preflight
@@ -208,7 +209,7 @@ def run_name(config: RunConfig) -> str:
 # steps
 # ----------------------------------------------------------------------------------------------
 def format_source(source: DataSource, out: str | Path, *, strict: bool = False, overwrite: bool = False,
-                  progress: bool | Any = True) -> Report:
+                  progress: bool | tqdm = True) -> Report:
     """Run one formatter (`adapt format`); an existing complete output is reused. `progress` may be
     the formatting phase's display, which counts the records of every source."""
     out = Path(out)
@@ -372,8 +373,9 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
     """Format, mix, evaluate (before), train, evaluate (after), export: one run directory.
 
     Everything checkable (model, data sources, options, output space) is checked first
-    (adapt.preflight); a start that fails before training leaves no run directory. `progress=False`
-    (--quiet) prints warnings, errors and the final table only; the rest goes to <run>/logs/run.log.
+    (adapt.preflight); a start that fails (checks, loading, formatting, mixing) leaves no run
+    directory. `progress=False` (--quiet) prints warnings, errors and the final table only; the rest
+    goes to <run>/logs/run.log.
 
     Under torchrun / accelerate launch every rank calls this with the same arguments. The run
     directory name is decided on the main process and broadcast (so a timestamped name is the
