@@ -156,8 +156,8 @@ def _check_on_hub(repo_id: str, timeout: float) -> int:
                          hint=f"accept its terms on {hub_endpoint()}/{repo_id} and log in (hf auth login)") from None
     except RepositoryNotFoundError:
         raise AdaptError(f"there is no model {repo_id} on the hub ({hub_endpoint()})",
-                         hint="check the spelling (e.g. OpenGVLab/InternVL3-1B-hf); private models need "
-                         "hf auth login") from None
+                         hint="check the spelling (e.g. OpenGVLab/InternVL3-1B-hf; a local folder of that "
+                         "name does not exist here); private models need hf auth login") from None
     except OfflineModeIsEnabled:  # offline since huggingface_hub was imported
         raise _offline_and_not_cached(repo_id) from None
     except httpx2.TransportError as err:
