@@ -267,6 +267,7 @@ def test_missing_data_source_is_refused_before_the_run_directory(tmp_path, capsy
     assert not runs.exists()
 
 
+@pytest.mark.slow
 def test_unreachable_hub_through_the_cli_in_a_fresh_process(tmp_path):
     """The issue's report as a user runs it: offline mode unset, the hub unreachable, an empty cache."""
     sock = socket.socket()
