@@ -99,7 +99,12 @@ def locate_model(name: str, *, timeout: float = HUB_TIMEOUT) -> ModelLocation:
                          hint="pass an existing folder, a hub id (owner/name) or a preset: " + ", ".join(PRESETS))
     cached = _cached_snapshot(name)
     if cached is not None:
-        return ModelLocation(name, "cached", cached, check_model_folder(cached, hub_id=name))
+        try:
+            return ModelLocation(name, "cached", cached, check_model_folder(cached, hub_id=name))
+        except AdaptError:
+            if hub_offline():
+                raise
+            # a partial download (config.json only, say): the hub decides, and the load completes it
     if hub_offline():
         raise _offline_and_not_cached(name)
     key = (hub_endpoint(), name)
