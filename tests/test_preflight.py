@@ -200,6 +200,16 @@ def test_cached_hub_id_without_tokenizer(empty_cache, monkeypatch, saved_tiny):
     assert "cached hub model me/tiny-internvl" in err.message and "has no tokenizer" in err.message
 
 
+def test_partial_cache_defers_to_the_hub_when_online(online, empty_cache, monkeypatch, saved_tiny):
+    _cache_snapshot(empty_cache, "me/tiny-internvl", saved_tiny, skip=("model.safetensors",))
+    server = _hub_server(monkeypatch, {"me/tiny-internvl": {
+        "id": "me/tiny-internvl", "config": {"model_type": "internvl"},
+        "siblings": _siblings("config.json", "model.safetensors", "tokenizer.json")}})
+    location = locate_model("me/tiny-internvl", timeout=2)
+    server.shutdown()
+    assert (location.kind, location.folder) == ("hub", None)
+
+
 def test_folder_checkpoint_of_another_architecture(tmp_path):
     """A real text-only Qwen2 checkpoint (model_type qwen2), as a user might pass the LLM of a VLM."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
