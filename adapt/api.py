@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 import yaml
+from tqdm import tqdm
 
 import formatters
+from adapt import console, preflight
 from adapt.checkpoints import models
 from adapt.data import filtering, mixing
 from adapt.data.records import Record
@@ -62,9 +64,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def say(message: str) -> None:
-    if is_main_process():
-        print(f"[adapt] {message}", flush=True)
+say = console.say  # progress news: hidden under --quiet, always in the run log
+is_main_process = console.is_main_process
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,11 +73,6 @@ def say(message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # How long the other ranks wait for the main process (formatting a real dataset, evaluating).
 DIST_TIMEOUT = timedelta(seconds=int(os.environ.get("ADAPT_DIST_TIMEOUT", 4 * 3600)))
-
-
-def is_main_process() -> bool:
-    """True in a single process and on global rank 0 of a launch (it alone prints and writes)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def processes():
@@ -214,13 +210,15 @@ def run_name(config: RunConfig) -> str:
 # ----------------------------------------------------------------------------------------------
 # steps
 # ----------------------------------------------------------------------------------------------
-def format_source(source: DataSource, out: str | Path, *, strict: bool = False, overwrite: bool = False) -> Report:
-    """Run one formatter (`adapt format`); an existing complete output is reused."""
+def format_source(source: DataSource, out: str | Path, *, strict: bool = False, overwrite: bool = False,
+                  progress: bool | tqdm = True) -> Report:
+    """Run one formatter (`adapt format`); an existing complete output is reused. `progress` may be
+    the formatting phase's display, which counts the records of every source."""
     out = Path(out)
     if (out / "meta.json").is_file() and not overwrite:
         return Report(name=source.label)
     report = run_formatter(formatters.get(source.kind), source.path, out, name=source.label, strict=strict,
-                           overwrite=overwrite, **source.options)
+                           overwrite=overwrite, progress=progress, **source.options)
     say(report.summary())
     return report
 
@@ -267,10 +265,11 @@ def format_data(config: RunConfig, folder: str | Path) -> dict[str, list[Path]]:
     folder = Path(folder)
     domain, _, _ = resolve(config)
     out: dict[str, list[Path]] = {"domain": [], "general": []}
-    for kind, items in zip(("domain", "general"), source_lists(config, domain, folder)):
-        for item in items:
-            format_source(item, folder / "formatted" / item.label, strict=config.strict)
-            out[kind].append(folder / "formatted" / item.label)
+    with console.phase("formatting", unit="rec") as bar:
+        for kind, items in zip(("domain", "general"), source_lists(config, domain, folder)):
+            for item in items:
+                format_source(item, folder / "formatted" / item.label, strict=config.strict, progress=bar)
+                out[kind].append(folder / "formatted" / item.label)
     return out
 
 
@@ -311,12 +310,13 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
     report = Report(name="load", strict=config.strict)
     seed = config.seed
     domain_sources, general_sources = [], []
-    for kind, items, bucket in (("domain", data, domain_sources), ("general", general, general_sources)):
-        for item in items:
-            out = formatted_dir / item.label
-            format_source(item, out, strict=config.strict)
-            bucket.extend(mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label, report=report,
-                                              seed=seed))
+    with console.phase("formatting", unit="rec") as bar:
+        for kind, items, bucket in (("domain", data, domain_sources), ("general", general, general_sources)):
+            for item in items:
+                out = formatted_dir / item.label
+                format_source(item, out, strict=config.strict, progress=bar)
+                bucket.extend(mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label,
+                                                  report=report, seed=seed))
     heldout: dict[str, list[tuple[Record, str]]] = {"domain": [], "general": []}
     train_domain, train_general = [], []
     for kind, sources, keep, size in (("domain", domain_sources, train_domain, eval_settings["holdout"]),
@@ -380,6 +380,11 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
         export: bool = True, progress: bool = True, **overrides: Any) -> RunResult:
     """Format, mix, evaluate (before), train, evaluate (after), export: one run directory.
 
+    Everything checkable (model, data sources, options, output space) is checked first
+    (adapt.preflight); a start that fails (checks, loading, formatting, mixing) leaves no run
+    directory. `progress=False` (--quiet) prints warnings, errors and the final table only; the rest
+    goes to <run>/logs/run.log.
+
     Under torchrun / accelerate launch every rank calls this with the same arguments. The run
     directory name is decided on the main process and broadcast (so a timestamped name is the
     same everywhere; --name works too); the main process writes config.yaml and prepares the data
@@ -390,6 +395,13 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
     `shared_dir` holds data that several runs reuse (formatted sources, the base model's
     evaluation when the held-out sets and settings match); `sweep` passes one.
     """
+    with console.session(quiet=not progress), preflight.StartGuard() as start:
+        return _run(config, start, resume=resume, shared_dir=shared_dir, export=export, progress=progress,
+                    **overrides)
+
+
+def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str | Path | None,
+         shared_dir: str | Path | None, export: bool, progress: bool, **overrides: Any) -> RunResult:
     state = processes()
     main = state.is_main_process
     if resume is not None:
@@ -409,7 +421,11 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
         if resume is None and (run_dir / "config.yaml").is_file():
             raise AdaptError("this run directory already exists", path=run_dir,
                              hint=f"continue it with adapt run --resume {run_dir}, or choose another --name")
+        preflight.check_run(config.model or DEMO_MODEL, preflight.run_sources(config, domain), train_config,
+                            [run_dir, *([shared] if shared else [])])
+        start.creating(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        console.log_to(run_dir / "logs" / "run.log")
         if config.demo:
             say(f"no --data given: running the {domain.name} DEMO (synthetic data in the real formats, "
                 f"the random-init '{DEMO_MODEL}' model on {'GPU' if torch.cuda.is_available() else 'CPU'})")
@@ -419,6 +435,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
     loaded = load_model(config, train_config)
     with state.main_process_first():  # the others then load the mixture the main process saved
         data = prepare_data(config, domain, train_config, eval_settings, run_dir / "data", loaded, shared_dir=shared)
+    start.started()
     eval_builder = make_builder(loaded, train_config, train=False)
     eval_kwargs = {"batch_size": eval_settings["batch_size"], "max_new_tokens": eval_settings["max_new_tokens"]}
     before_path, after_path = run_dir / "eval" / "before.json", run_dir / "eval" / "after.json"
@@ -430,13 +447,14 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
             shutil.copyfile(cached, before_path)
         else:
             say("evaluating the model before fine-tuning")
-            before = evaluation.evaluate(loaded, eval_builder, data.heldout, **eval_kwargs)
+            with console.phase("evaluation (before)", total=_eval_steps(data.heldout), unit="q") as bar:
+                before = evaluation.evaluate(loaded, eval_builder, data.heldout, **eval_kwargs, progress=bar)
             evaluation.save_report(before, before_path)
             if cached is not None:
                 evaluation.save_report(before, cached)
     say(f"training ({train_config.mode}) on {len(data.mixture.entries)} samples")
     result = train(loaded, data.mixture.entries, train_config, run_dir / "checkpoints", resume=resume is not None,
-                   logging_dir=run_dir / "logs", progress=progress)
+                   logging_dir=run_dir / "logs", progress=progress, callbacks=[console.LogToRunLog()])
     say(result.trainable)
     export_dir = run_dir / "export" if export else None
     if main:
@@ -444,11 +462,12 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
         model = result.model if result.final_dir is None else from_checkpoint(result.final_dir, config, train_config).model
         trained = models.Loaded(model, loaded.tokenizer, loaded.template, loaded.source)
         say("evaluating the fine-tuned model")
-        after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs)
+        with console.phase("evaluation (after)", total=_eval_steps(data.heldout), unit="q") as bar:
+            after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs, progress=bar)
         evaluation.save_report(after, after_path)
         table = evaluation.comparison_markdown(before, after)
         atomic_write_text(run_dir / "eval" / "report.md", f"# {run_dir.name}\n\n{table}")
-        say("before vs after:\n" + table)
+        console.result("before vs after:\n" + table)
         if export_dir is not None:
             from adapt.checkpoints.export import export_model
 
@@ -462,6 +481,11 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
     state.wait_for_everyone()
     return RunResult(run_dir, json.loads(before_path.read_text()), json.loads(after_path.read_text()), export_dir,
                      result.steps)
+
+
+def _eval_steps(heldout: dict[str, list[tuple[Record, str]]]) -> int:
+    """What the evaluation display counts: each held-out entry answered, then scored by its loss."""
+    return 2 * sum(len(entries) for entries in heldout.values())
 
 
 def base_eval_cache(shared_dir: Path | None, config: RunConfig, train_config: TrainConfig,

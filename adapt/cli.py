@@ -143,7 +143,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from adapt import api
 
-    rows = api.sweep(args.ratios, domain=args.domain, runs_dir=args.runs_dir or "runs",
+    rows = api.sweep(args.ratios, domain=args.domain, runs_dir=args.runs_dir or "runs", progress=not args.quiet,
                      **({"model": args.model} if args.model else {}))
     if api.is_main_process():
         print(json.dumps(rows, indent=2))
@@ -188,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir")
     run.add_argument("--name")
     run.add_argument("--no-export", action="store_true")
-    run.add_argument("--quiet", action="store_true")
+    run.add_argument("--quiet", action="store_true", help="print warnings, errors and the final table only; progress goes to RUN_DIR/logs/run.log")
     run.set_defaults(func=cmd_run)
 
     fmt = sub.add_parser("format", help="turn a source dataset into records (JSONL + meta + report)")
@@ -233,6 +233,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--ratios", type=float, nargs="+", default=[0, 0.125, 0.25, 0.5, 0.75])
     sw.add_argument("--model")
     sw.add_argument("--runs-dir")
+    sw.add_argument("--quiet", action="store_true", help="print warnings, errors and the final table only; progress goes to RUN_DIR/logs/run.log")
     sw.set_defaults(func=cmd_sweep)
     return top
 

@@ -47,9 +47,10 @@ class Formatter:
 
 
 def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str | None = None,
-        strict: bool = False, overwrite: bool = False, max_tiles: int = 12, progress: bool = True,
+        strict: bool = False, overwrite: bool = False, max_tiles: int = 12, progress: bool | tqdm = True,
         **options: Any) -> Report:
-    """Run one formatter into `out` (atomically: a killed run leaves nothing that looks complete)."""
+    """Run one formatter into `out` (atomically: a killed run leaves nothing that looks complete).
+    `progress` is a bool (a bar for this source or none) or a run's formatting bar to count into."""
     name = name or formatter.kind
     source = Path(source)
     if not source.exists():
@@ -63,8 +64,13 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
         image_root = Path(root) if root is not None else out
 
         def checked() -> Iterator[rec.Record]:
-            for record in tqdm(generator(source, tmp, report, **options), desc=name, unit="rec",
-                               disable=not progress, leave=False):
+            shared = progress if isinstance(progress, tqdm) else None
+            records = generator(source, tmp, report, **options)
+            if shared is None:
+                records = tqdm(records, desc=name, unit="rec", disable=not progress, leave=False)
+            else:
+                shared.set_postfix_str(name, refresh=False)
+            for record in records:
                 where_root = tmp if root is None else image_root
                 found = rec.problems(record, root=where_root, check_files=True)
                 if found:  # a formatter bug, not a user error: fail loudly rather than write it
@@ -73,6 +79,8 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
                 record.setdefault("meta", {})["tiles"] = n
                 tiles_hist[n] = tiles_hist.get(n, 0) + 1
                 report.written += 1
+                if shared is not None:
+                    shared.update()
                 yield record
 
         rec.write_jsonl(tmp / "records.jsonl", checked())

@@ -311,16 +311,22 @@ def test_package_versions_are_recorded_in_the_run_config(tmp_path):
     assert versions["peft"] == peft.__version__ and versions["accelerate"] == accelerate.__version__
     assert {"python", "trl", "datasets", "numpy", "pillow", "adapt"} <= versions.keys()
     assert "not installed" not in versions.values()
-    # config.yaml is written before any data step, so even a run that stops at its first one records them
+    # config.yaml is written before any data step, so a run that stops once started records them (one
+    # that cannot start, like a missing source, is refused before it has a run directory)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"t{i}", "conversations": [
+        {"from": "human", "value": f"Count to {i + 2}, please, slowly and carefully."},
+        {"from": "gpt", "value": " ".join(str(k) for k in range(1, i + 3))}]}) + "\n" for i in range(8)))
     config = api.RunConfig(
         domain="remote_sensing",
         general_ratio=0.0,
         seed=4,
         runs_dir=str(tmp_path),
         name="run",
-        data=[{"kind": "general", "path": str(tmp_path / "missing.jsonl"), "name": "missing"}],
+        data=[{"kind": "general", "path": str(rows), "name": "rows"}],
+        train={"max_length": 8},  # every sample is dropped at planning: the run stops in training
     )
-    with pytest.raises(AdaptError, match="input not found"):
+    with pytest.raises(AdaptError, match="no usable training sample"):
         api.run(config, export=False, progress=False)
     import yaml
 

@@ -3,13 +3,13 @@
 `load("tiny")` and the `mini-internvl2-{1b,2b,4b}` presets need no download: random weights with the
 real geometry (448 tiles, patch 14, pixel unshuffle 0.5 -> 256 tokens per tile) and the offline
 tokenizer in `adapt/assets/tiny-tokenizer`, which carries the real special tokens. Anything else is
-a local directory or hub id in the native layout; original OpenGVLab checkpoints are refused with a
-pointer to `adapt convert`.
+a local directory or hub id in the native layout, located by `adapt.preflight.locate_model` (which
+names the cause when it cannot be loaded: offline and not cached, no such hub id, another
+architecture, an original OpenGVLab checkpoint that needs `adapt convert`, no tokenizer).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,9 @@ from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGe
 
 from adapt.data.templates import IMG_CONTEXT, TEMPLATES
 from adapt.errors import AdaptError
+from adapt.preflight import locate_model
 
 TINY_TOKENIZER = Path(__file__).parents[1] / "assets" / "tiny-tokenizer"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one holds the vocabulary
 
 INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                       attention_bias=True, layer_norm_eps=1e-6, norm_type="layer_norm", use_qk_norm=False,
@@ -148,21 +148,18 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
         if dtype is not None:
             model = model.to(torch_dtype(dtype))
         return Loaded(model, tokenizer, PRESETS[name_or_path]["template"], name_or_path)
-    path = Path(name_or_path)
-    if path.exists():
-        _check_native_dir(path)
-        if not any((path / name).is_file() for name in TOKENIZER_FILES):
-            # transformers would build an empty tokenizer from config.json alone, silently
-            raise AdaptError("the model folder has no tokenizer (none of " + ", ".join(TOKENIZER_FILES) + ")",
-                             path=path, hint="copy the tokenizer files of the base model into this folder "
-                             "(save_pretrained of the model alone does not write them)")
+    # decided once: a folder (or cached snapshot) loads with no network; only a confirmed hub id downloads
+    location = locate_model(name_or_path)
+    source = str(location.folder) if location.folder is not None else name_or_path
+    local = location.folder is not None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
     except (OSError, ValueError) as err:
-        raise AdaptError(f"cannot load a tokenizer from {name_or_path} ({str(err).splitlines()[0]})",
-                         path=name_or_path, hint="the model folder needs its tokenizer files "
-                         "(tokenizer.json / tokenizer_config.json); copy them from the base model") from None
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        raise AdaptError(f"the tokenizer files of {name_or_path} are there but do not load "
+                         f"({str(err).splitlines()[0]})", path=source,
+                         hint="they may be damaged or need a newer transformers; copy them again from the base "
+                         "model (tokenizer.json, tokenizer_config.json)") from None
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local}
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)
     if attn_implementation:
@@ -170,12 +167,13 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
     if load_in_4bit:
         kwargs["quantization_config"] = _nf4_config(dtype)
     try:
-        model = InternVLForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
+        model = InternVLForConditionalGeneration.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise AdaptError(f"cannot load model weights from {name_or_path} ({str(err).splitlines()[0]})",
-                         path=name_or_path, hint="pass a local model folder or a hub id available offline") from None
+        raise AdaptError(f"cannot load the model weights of {name_or_path} ({str(err).splitlines()[0]})",
+                         path=source, hint="a download that broke off or a damaged file: download it again "
+                         "(hf download), or pass another --model folder") from None
     check_geometry(model.config)
-    return Loaded(model, tokenizer, detect_template(model.config, tokenizer), str(name_or_path))
+    return Loaded(model, tokenizer, detect_template(model.config, tokenizer), source)
 
 
 def _nf4_config(dtype: torch.dtype | str | None):
@@ -215,19 +213,6 @@ def _sincos_positions(model: InternVLForConditionalGeneration) -> None:
     table[1:, : 4 * quarter] = torch.cat(parts, dim=1)
     with torch.no_grad():
         embeddings.position_embeddings.copy_(table[None])
-
-
-def _check_native_dir(path: Path) -> None:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise AdaptError("no config.json in the model folder", path=path,
-                         hint="point --model at a folder written by save_pretrained / adapt export")
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") == "internvl_chat" or "llm_config" in config:
-        raise AdaptError("this is an original OpenGVLab (remote-code) InternVL checkpoint", path=path,
-                         hint=f"convert it first: adapt convert {path} {path}-hf ; then use --model {path}-hf")
-    if config.get("model_type") != "internvl":
-        raise AdaptError(f"model_type {config.get('model_type')!r} is not an InternVL checkpoint", path=path)
 
 
 def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -155,10 +155,14 @@ class SampleBuilder:
         )
 
 
-def plan_all(builder: SampleBuilder, entries: list[tuple[Record, str]], report: Report) -> list[Planned | None]:
-    """Plan every (record, root); dropped ones become None and are counted in `report` with their id."""
+def plan_all(builder: SampleBuilder, entries: list[tuple[Record, str]], report: Report, *,
+             progress: Any = None) -> list[Planned | None]:
+    """Plan every (record, root); dropped ones become None and are counted in `report` with their id.
+    `progress` (a tqdm, the planning phase's display) counts the entries planned."""
     out: list[Planned | None] = []
     for i, (record, root) in enumerate(entries):
+        if progress is not None:
+            progress.update()
         try:
             out.append(builder.plan(record, root))
         except SampleDropped as err:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from adapt.checkpoints.models import Loaded
 from adapt.data.batching import Collator
@@ -43,8 +44,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def generate(loaded: Loaded, builder: SampleBuilder, entries: Sequence[tuple[Record, str]], *,
-             batch_size: int = 4, max_new_tokens: int = 64) -> list[str | None]:
-    """Greedy answers for (record, root) pairs, built exactly like training prompts (left-padded)."""
+             batch_size: int = 4, max_new_tokens: int = 64, progress: tqdm | None = None) -> list[str | None]:
+    """Greedy answers for (record, root) pairs, built exactly like training prompts (left-padded);
+    `progress` (the evaluation phase's display) counts the entries answered."""
     model = loaded.model.eval()
     device = _model_device(model)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -53,6 +55,8 @@ def generate(loaded: Loaded, builder: SampleBuilder, entries: Sequence[tuple[Rec
     out: list[str | None] = [None] * len(entries)
     for start in range(0, len(entries), batch_size):
         chunk = []
+        if progress is not None:
+            progress.update(min(batch_size, len(entries) - start))
         for i in range(start, min(start + batch_size, len(entries))):
             record, root = entries[i]
             try:
@@ -79,13 +83,16 @@ def generate(loaded: Loaded, builder: SampleBuilder, entries: Sequence[tuple[Rec
 
 
 @torch.no_grad()
-def answer_loss(loaded: Loaded, builder: SampleBuilder, entries: Sequence[tuple[Record, str]]) -> float | None:
+def answer_loss(loaded: Loaded, builder: SampleBuilder, entries: Sequence[tuple[Record, str]], *,
+                progress: tqdm | None = None) -> float | None:
     """Mean per-token cross-entropy of the reference answers (teacher forced)."""
     model = loaded.model.eval()
     device = _model_device(model)
     collator = Collator(loaded.tokenizer.pad_token_id, pack=False, loss_reduction="token")
     total, count = 0.0, 0
     for i, (record, root) in enumerate(entries):
+        if progress is not None:
+            progress.update()
         try:
             sample = builder.build(record, root, index=i)
         except SampleDropped:
@@ -144,13 +151,16 @@ def _mean_bool(values) -> float | None:
 
 
 def evaluate(loaded: Loaded, builder: SampleBuilder, sets: dict[str, Sequence[tuple[Record, str]]], *,
-             batch_size: int = 4, max_new_tokens: int = 64, with_loss: bool = True) -> dict[str, Any]:
-    """Score each named set ("domain", "general", ...) per task kind; returns a JSON-able dict."""
+             batch_size: int = 4, max_new_tokens: int = 64, with_loss: bool = True,
+             progress: tqdm | None = None) -> dict[str, Any]:
+    """Score each named set ("domain", "general", ...) per task kind; returns a JSON-able dict.
+    `progress` is the evaluation phase's one display (it counts each entry answered and each scored)."""
     report: dict[str, Any] = {}
     for name, entries in sets.items():
         if not entries:
             continue
-        predictions = generate(loaded, builder, entries, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        predictions = generate(loaded, builder, entries, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               progress=progress)
         by_task: dict[str, list[int]] = defaultdict(list)
         for i, (record, _) in enumerate(entries):
             by_task[record.get("meta", {}).get("task", "text")].append(i)
@@ -159,7 +169,7 @@ def evaluate(loaded: Loaded, builder: SampleBuilder, sets: dict[str, Sequence[tu
         section: dict[str, Any] = {"tasks": tasks, "count": len(entries),
                                    "score": _headline(tasks, {t: len(i) for t, i in by_task.items()})}
         if with_loss:
-            section["answer_loss"] = answer_loss(loaded, builder, entries)
+            section["answer_loss"] = answer_loss(loaded, builder, entries, progress=progress)
         section["examples"] = [{"id": entries[i][0].get("id"), "prediction": predictions[i],
                                 "reference": reference_answer(entries[i][0])} for i in range(min(8, len(entries)))]
         report[name] = section

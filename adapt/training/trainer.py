@@ -34,7 +34,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+from transformers.trainer_callback import PrinterCallback
 
+from adapt import console
 from adapt.checkpoints.models import Loaded, count_parameters
 from adapt.data.batching import Collator, pack_bins
 from adapt.data.records import Record, images_of
@@ -593,7 +595,8 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
                          hint="resume that run (adapt run --resume RUN_DIR), or train into a new folder")
     builder = make_builder(loaded, config)
     dropped = Report(name="samples")
-    planned = plan_all(builder, list(entries), dropped)
+    with console.phase("planning", total=len(entries), unit="sample", show=progress) as bar:
+        planned = plan_all(builder, list(entries), dropped, progress=bar)
     kept = [(e, p) for e, p in zip(entries, planned) if p is not None]
     if not kept:
         raise AdaptError("no usable training sample (every record was dropped)",
@@ -640,6 +643,8 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
                            data_collator=collator, batch_sampler_factory=sampler_factory, on_nan=config.on_nan,
                            logits=config.logits,
                            callbacks=[CompletedCheckpoints(), *callbacks])
+    if not progress:  # without its bar the Trainer prints every loss line: quiet means quiet
+        trainer.remove_callback(PrinterCallback)
     with args.main_process_first(local=False, desc="finding the last complete checkpoint"):
         # the main process sets half-written checkpoints aside first; the other ranks then agree with it
         checkpoint = last_complete_checkpoint(output_dir) if resume else None
