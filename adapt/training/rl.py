@@ -176,14 +176,23 @@ def reward_functions(entries: Sequence[Entry]) -> list[Callable[..., list[float]
     return [task, answer_format]
 
 
-def mean_reward(loaded: Loaded, entries: Sequence[Entry], config: RLConfig) -> dict[str, float]:
-    """Held-out rewards of greedy answers (as evaluation generates them), task and format, and their
-    weighted sum: the quantity GRPO maximises, measured where it was not trained."""
+def mean_reward(loaded: Loaded, entries: Sequence[Entry], config: RLConfig, *, samples: int = 0) -> dict[str, float]:
+    """Held-out task and format rewards and their weighted sum (what GRPO maximises, measured where it
+    did not train): of greedy answers as evaluation generates them, or, with `samples` > 0, the
+    expected reward of the policy, over that many seeded sampled answers per prompt."""
     builder = make_builder(loaded, TrainConfig(max_tiles=config.max_tiles, seed=config.seed), train=False)
-    answers = generate(loaded, builder, entries, max_new_tokens=config.max_new_tokens)
-    task = [task_reward(r, a) for (r, _), a in zip(entries, answers)]
-    form = [format_reward(r, a) for (r, _), a in zip(entries, answers)]
-    n = max(len(entries), 1)
+    if samples:
+        torch.manual_seed(config.seed)
+        rows = [(r, root) for r, root in entries for _ in range(samples)]
+        built = [builder.build(r, root, index=i, generation=True) for i, (r, root) in enumerate(rows)]
+        ids = _sample(loaded.model, built, loaded.tokenizer, builder, config.max_new_tokens, config.temperature)
+        answers: list[str | None] = [loaded.tokenizer.decode(a, skip_special_tokens=True).strip() for a in ids]
+    else:
+        rows = list(entries)
+        answers = generate(loaded, builder, rows, max_new_tokens=config.max_new_tokens)
+    task = [task_reward(r, a) for (r, _), a in zip(rows, answers)]
+    form = [format_reward(r, a) for (r, _), a in zip(rows, answers)]
+    n = max(len(rows), 1)
     return {"task": sum(task) / n, "format": sum(form) / n,
             "reward": (config.task_weight * sum(task) + config.format_weight * sum(form)) / n}
 
