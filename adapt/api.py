@@ -115,6 +115,7 @@ class RunConfig:
     general: list[dict[str, Any]] = field(default_factory=list)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     eval: dict[str, Any] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # staged training (adapt.training.stages); empty: one stage
     strict: bool = False
     runs_dir: str = "runs"
     name: str | None = None
@@ -427,8 +428,14 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
             if cached is not None:
                 evaluation.save_report(before, cached)
     say(f"training ({train_config.mode}) on {len(data.mixture.entries)} samples")
-    result = train(loaded, data.mixture.entries, train_config, run_dir / "checkpoints", resume=resume is not None,
-                   logging_dir=run_dir / "logs", progress=progress)
+    if config.stages:
+        from adapt.training.stages import train_run_stages
+
+        result = train_run_stages(config, domain, train_config, eval_settings, run_dir, loaded, data.mixture.entries,
+                                  data.heldout, resume=resume is not None, shared_dir=shared, progress=progress)
+    else:
+        result = train(loaded, data.mixture.entries, train_config, run_dir / "checkpoints",
+                       resume=resume is not None, logging_dir=run_dir / "logs", progress=progress)
     say(result.trainable)
     export_dir = run_dir / "export" if export else None
     if main:

@@ -135,3 +135,18 @@ def test_stage_options_are_checked_and_do_not_inherit_the_tuning_mode():
     (bad,) = parse_stages([{"name": "x", "mode": "partial", "partial": "vit"}])
     with pytest.raises(AdaptError, match="stage x: unknown partial preset"):
         stage_config(base, bad)
+
+
+def test_shipped_internvl2_5_recipe_resolves_to_its_stages():
+    from adapt import api
+
+    path = Path(__file__).parent.parent / "configs" / "recipes" / "internvl2_5_stages.yaml"
+    config = api.RunConfig(**api.load_config_file(path))
+    _, train_config, _ = api.resolve(config)
+    stages = parse_stages(config.stages, path)
+    configs = {stage.name: stage_config(train_config, stage) for stage in stages}
+    assert list(configs) == ["projector", "full"]
+    assert (configs["projector"].mode, configs["projector"].partial) == ("partial", "mlp")
+    assert configs["projector"].learning_rate == pytest.approx(2e-4)
+    assert configs["full"].mode == "full" and configs["full"].learning_rate == pytest.approx(4e-5)
+    assert all(c.loss_reduction == "square" and c.pack_tiles == 48 for c in configs.values())

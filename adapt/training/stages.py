@@ -141,3 +141,45 @@ def train_stages(loaded: Loaded, stages: Sequence[Stage], entries_for: Callable[
         resume = True  # a later stage's folder is fresh; resuming one without checkpoints starts it
     steps = {stage.name: json.loads((f / STAGE_MARKER).read_text())["steps"] for stage, f in zip(stages, folders)}
     return StagesResult(loaded.model, results, steps)
+
+
+def train_run_stages(config: Any, domain: Any, train_config: TrainConfig, eval_settings: dict[str, Any],
+                     run_dir: Path, loaded: Loaded, mixture_entries: Entries, heldout: dict[str, Entries], *,
+                     resume: bool, shared_dir: Path | None = None, progress: bool = True) -> TrainResult:
+    """`adapt run` with a `stages` list: each stage on the run's mixture or its own (prepared under
+    <run>/stages/<k>-<name>/data), evaluated on the run's held-out sets after it
+    (<run>/eval/stage-<k>-<name>.json). Returns the last stage's result carrying the final model and
+    the steps of all stages."""
+    from dataclasses import replace
+
+    from adapt import api
+    from adapt.evaluation import evaluator
+
+    stages = parse_stages(config.stages)
+    eval_builder = api.make_builder(loaded, train_config, train=False)
+    eval_kwargs = {"batch_size": eval_settings["batch_size"], "max_new_tokens": eval_settings["max_new_tokens"]}
+
+    def entries_for(stage: Stage) -> Entries:
+        if not stage.data:
+            return mixture_entries
+        index = next(i for i, s in enumerate(stages) if s.name == stage.name)
+        own = replace(config, **stage.data)
+        data = api.prepare_data(own, domain, stage_config(train_config, stage), eval_settings,
+                                stage_dir(run_dir, index, stage) / "data", loaded, shared_dir=shared_dir)
+        return data.mixture.entries
+
+    def after_stage(stage: Stage, trained: Loaded) -> None:
+        if not api.is_main_process():
+            return
+        index = next(i for i, s in enumerate(stages) if s.name == stage.name)
+        api.say(f"evaluating after stage {index + 1} ({stage.name})")
+        report = evaluator.evaluate(trained, eval_builder, heldout, **eval_kwargs)
+        evaluator.save_report(report, run_dir / "eval" / f"stage-{index + 1}-{stage.name}.json")
+
+    result = train_stages(loaded, stages, entries_for, train_config, run_dir, resume=resume, after_stage=after_stage,
+                          progress=progress, logging_dir=run_dir / "logs")
+    last = result.results.get(stages[-1].name)
+    trainable = last.trainable if last is not None else "all stages were complete already"
+    return TrainResult(model=result.model, steps=sum(result.steps.values()), samples=len(mixture_entries),
+                       dropped=last.dropped if last is not None else api.Report(name="samples"), log_history=[],
+                       trainable=trainable)
