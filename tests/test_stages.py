@@ -150,3 +150,30 @@ def test_shipped_internvl2_5_recipe_resolves_to_its_stages():
     assert configs["projector"].learning_rate == pytest.approx(2e-4)
     assert configs["full"].mode == "full" and configs["full"].learning_rate == pytest.approx(4e-5)
     assert all(c.loss_reduction == "square" and c.pack_tiles == 48 for c in configs.values())
+
+
+@pytest.mark.slow
+def test_adapt_run_with_stages_evaluates_after_each_and_exports(tmp_path):
+    """`adapt run` with a stages list: one run directory, one folder per stage, an evaluation after
+    each stage, the export at the end; the CLI's --resume skips the finished stages."""
+    from adapt import api
+    from adapt.cli import main
+    from formatters.synthetic.sources import write_class_folders
+
+    aid = write_class_folders(tmp_path / "aid", per_class=2, size=(64, 64))
+    config = api.RunConfig(
+        domain="remote_sensing", general_ratio=0.0, runs_dir=str(tmp_path / "runs"), name="staged",
+        data=[{"kind": "classification", "path": str(aid), "name": "aid"}],
+        eval={"holdout": 2, "max_new_tokens": 4},
+        train={"max_tiles": 1, "workers": 0, "logging_steps": 1, "pack_tokens": 4096, "pack_tiles": 8},
+        stages=[{"name": "projector", "mode": "partial", "partial": "mlp", "max_steps": 1, "learning_rate": 1e-3},
+                {"name": "full", "mode": "full", "max_steps": 1, "learning_rate": 1e-4}])
+    result = api.run(config, progress=False)
+    run_dir = tmp_path / "runs" / "staged"
+    assert result.steps == 2
+    for name in ("1-projector", "2-full"):
+        assert (run_dir / "stages" / name / STAGE_MARKER).is_file()
+        assert (run_dir / "eval" / f"stage-{name}.json").is_file()
+    assert (run_dir / "eval" / "after.json").is_file() and result.export_dir is not None
+    assert not (run_dir / "checkpoints").exists()  # no single-stage training ran beside the stages
+    assert main(["run", "--resume", str(run_dir), "--no-export", "--quiet"]) == 0
