@@ -589,3 +589,17 @@ def export_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False)
             "training": train_config.__dict__}
     return export_model(loaded.model, loaded.tokenizer, loaded.template, out, card=card, overwrite=overwrite,
                         max_tiles=train_config.max_tiles)
+
+
+def preference(model: str, out: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """DPO / MPO post-training on TRL (see adapt.training.posttrain.preference_run)."""
+    from adapt.training.posttrain import preference_run
+
+    return preference_run(model, out, **kwargs)
+
+
+def grpo(model: str, records: str | Path, out: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """GRPO post-training with task rewards on TRL (see adapt.training.posttrain.grpo_run)."""
+    from adapt.training.posttrain import grpo_run
+
+    return grpo_run(model, records, out, **kwargs)
