@@ -396,6 +396,10 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
             setattr(config, key, value)
         run_dir = None
     domain, train_config, eval_settings = resolve(config)
+    if config.stages:  # a bad stage fails here, before any data step or training
+        from adapt.training.stages import check_stages
+
+        check_stages(config.stages, train_config)
     run_dir = run_dir or Path(config.runs_dir) / agreed(run_name(config))
     shared = Path(shared_dir) if shared_dir else None
     if main:

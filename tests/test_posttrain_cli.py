@@ -44,12 +44,12 @@ def test_adapt_dpo_refuses_bad_options(tmp_path, capsys):
     assert "either --pairs" in capsys.readouterr().err
 
 
-def test_adapt_grpo_on_records(tmp_path):
+def test_adapt_grpo_with_lora_on_records(tmp_path):
     data = _jsonl(tmp_path / "data" / "records.jsonl", _choice_rows(tmp_path / "data", 4))
     out = tmp_path / "grpo"
     code = main(["grpo", "--model", "tiny", "--data", str(data), "--out", str(out), "--opt", "max_steps=1",
                  "--opt", "max_tiles=1", "--opt", "generations=2", "--opt", "prompts_per_step=2",
-                 "--opt", "max_new_tokens=4", "--quiet"])
+                 "--opt", "max_new_tokens=4", "--opt", "mode=lora", "--opt", "lora_r=4", "--quiet"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 1 and report["prompts"] == {"train": 3, "heldout": 1}

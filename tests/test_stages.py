@@ -127,6 +127,15 @@ def test_bad_stage_lists_are_refused(raw, message):
         parse_stages(raw)
 
 
+def test_adapt_run_refuses_a_bad_stage_before_any_step(tmp_path):
+    from adapt import api
+
+    config = api.RunConfig(runs_dir=str(tmp_path), name="bad", stages=[{"name": "x", "mode": "partial", "partial": "vit"}])
+    with pytest.raises(AdaptError, match="stage x: unknown partial preset"):
+        api.run(config, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_stage_options_are_checked_and_do_not_inherit_the_tuning_mode():
     base = TrainConfig(mode="partial", partial="mlp", learning_rate=1e-5)
     (stage,) = parse_stages([{"name": "full", "mode": "full", "learning_rate": 4e-5}])

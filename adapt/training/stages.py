@@ -78,6 +78,14 @@ def stage_config(base: TrainConfig, stage: Stage) -> TrainConfig:
         raise AdaptError(f"stage {stage.name}: {err.message}", path=err.path, hint=err.hint) from None
 
 
+def check_stages(raw: Any, base: TrainConfig, path: Path | None = None) -> list[Stage]:
+    """Every stage parsed and its TrainConfig checked, before anything runs."""
+    stages = parse_stages(raw, path)
+    for stage in stages:
+        stage_config(base, stage)
+    return stages
+
+
 def stage_dir(run_dir: str | Path, index: int, stage: Stage) -> Path:
     return Path(run_dir) / "stages" / f"{index + 1}-{stage.name}"
 
@@ -155,7 +163,7 @@ def train_run_stages(config: Any, domain: Any, train_config: TrainConfig, eval_s
     from adapt import api
     from adapt.evaluation import evaluator
 
-    stages = parse_stages(config.stages)
+    stages = check_stages(config.stages, train_config)
     eval_builder = api.make_builder(loaded, train_config, train=False)
     eval_kwargs = {"batch_size": eval_settings["batch_size"], "max_new_tokens": eval_settings["max_new_tokens"]}
 
