@@ -23,7 +23,7 @@ from adapt.training.preference import (
     LOSS_PRESETS,
     PreferenceCollator,
     PreferenceConfig,
-    _builder,
+    pair_builder,
     pair_records,
     preference_scores,
     train_preference,
@@ -81,7 +81,7 @@ def test_read_pairs_keeps_good_rows_and_counts_bad_ones_by_row(tmp_path):
 def test_batches_are_trl_layout_with_adapt_tiles_and_answer_masks(data):
     loaded = load("tiny", seed=0)
     pairs = data["train"][:2]
-    collator = PreferenceCollator(_builder(loaded, PreferenceConfig(max_tiles=1), train=True), pairs,
+    collator = PreferenceCollator(pair_builder(loaded, PreferenceConfig(max_tiles=1), train=True), pairs,
                                   loaded.tokenizer.pad_token_id)
     batch = collator([{"pair": 0}, {"pair": 1}])
     assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"].shape[0] == 4  # c0 c1 r0 r1, one tile each
@@ -95,7 +95,7 @@ def test_batches_are_trl_layout_with_adapt_tiles_and_answer_masks(data):
 
 def _sequence_logp(loaded, record, root) -> float:
     """Summed log-probability of the answer, from HF's own mean cross-entropy over the labels."""
-    builder = _builder(loaded, PreferenceConfig(max_tiles=1), train=False)
+    builder = pair_builder(loaded, PreferenceConfig(max_tiles=1), train=False)
     sample = builder.build(record, root)
     labels = sample.labels[None]
     out = loaded.model(input_ids=sample.input_ids[None], pixel_values=normalize(sample.tiles, torch.float32),
@@ -122,7 +122,7 @@ def test_first_mpo_step_loss_is_trls_weighted_mix(data, tmp_path):
     loaded = load("tiny", seed=0)
     pairs = data["train"][:3]
     with torch.no_grad():  # SFT part: mean NLL over every chosen answer token of the (single) batch
-        builder = _builder(loaded, PreferenceConfig(max_tiles=1), train=False)
+        builder = pair_builder(loaded, PreferenceConfig(max_tiles=1), train=False)
         total, tokens = 0.0, 0
         for record, root in pairs:
             chosen, _ = pair_records(record)

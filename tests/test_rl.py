@@ -15,7 +15,7 @@ from PIL import Image
 
 from adapt.checkpoints.models import load
 from adapt.evaluation.rewards import format_reward, task_reward
-from adapt.training.preference import PreferenceConfig, _builder
+from adapt.training.preference import PreferenceConfig, pair_builder
 from adapt.training.rl import RLConfig, mean_reward, train_grpo
 from adapt.training.trainer import train
 from formatters.preference import pairs_from_generations
@@ -82,7 +82,7 @@ def test_pairs_from_generations_prefer_the_better_scored_answer(tmp_path):
     loaded = load("tiny", seed=0)
     entries = _choice_rows(tmp_path, 3)
     torch.manual_seed(0)
-    builder = _builder(loaded, PreferenceConfig(max_tiles=1), train=False)
+    builder = pair_builder(loaded, PreferenceConfig(max_tiles=1), train=False)
     pairs = pairs_from_generations(loaded, builder, entries, n=3, max_new_tokens=4)
     assert len(pairs) == 3  # random-init answers never name a choice: the reference becomes `chosen`
     for (pair, root), (record, _) in zip(pairs, entries):

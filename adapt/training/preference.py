@@ -130,7 +130,8 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
     return next(p for p in model.parameters() if p.is_floating_point()).dtype
 
 
-def _builder(loaded: Loaded, config: PreferenceConfig, *, train: bool) -> SampleBuilder:
+def pair_builder(loaded: Loaded, config: PreferenceConfig, *, train: bool) -> SampleBuilder:
+    """The SampleBuilder both sides of a pair are built with (the tiling and template of training)."""
     return make_builder(loaded, TrainConfig(max_tiles=config.max_tiles, max_length=config.max_length,
                                             seed=config.seed), train=train)
 
@@ -146,7 +147,7 @@ def preference_scores(loaded: Loaded, pairs: Sequence[PreferencePair], *, max_ti
     model = loaded.model
     was_training = model.training
     model.eval()
-    builder = _builder(loaded, PreferenceConfig(max_tiles=max_tiles), train=False)
+    builder = pair_builder(loaded, PreferenceConfig(max_tiles=max_tiles), train=False)
     collator = PreferenceCollator(builder, pairs, loaded.tokenizer.pad_token_id, _dtype(model))
     device = next(model.parameters()).device
     margins: list[float] = []
@@ -202,7 +203,7 @@ def train_preference(loaded: Loaded, pairs: Sequence[PreferencePair], config: Pr
     if config.mode == "lora":
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=LLM_LORA_TARGETS,
                           lora_dropout=0.0)
-    collator = PreferenceCollator(_builder(loaded, config, train=True), pairs, loaded.tokenizer.pad_token_id,
+    collator = PreferenceCollator(pair_builder(loaded, config, train=True), pairs, loaded.tokenizer.pad_token_id,
                                   _dtype(model))
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval() if lora is None else None, args=args,
                          data_collator=collator, train_dataset=Dataset.from_dict(text),

@@ -81,47 +81,44 @@ def _key(record: Record, index: int) -> str:
     return f"{index}:{record.get('id', index)}"
 
 
-class AdaptGRPOTrainer:
-    """Factory of TRL's GRPOTrainer subclass (imported lazily: trl is heavy)."""
+def grpo_trainer(entries: Sequence[Entry], builder: SampleBuilder, tokenizer: Any, **kwargs: Any):
+    """TRL's GRPOTrainer (subclassed for adapt's tiles) generating through adapt's prompt builder."""
+    from trl import GRPOTrainer
 
-    @staticmethod
-    def build(entries: Sequence[Entry], builder: SampleBuilder, tokenizer: Any, **kwargs: Any):
-        from trl import GRPOTrainer
+    lookup = {_key(record, i): (record, root, i) for i, (record, root) in enumerate(entries)}
 
-        lookup = {_key(record, i): (record, root, i) for i, (record, root) in enumerate(entries)}
+    class Trainer(GRPOTrainer):
+        tiles: list[torch.Tensor | None] | None = None  # this generation batch's tiles, row by row
 
-        class Trainer(GRPOTrainer):
-            tiles: list[torch.Tensor | None] | None = None  # this generation batch's tiles, row by row
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            if self.tiles is not None and any(t is not None for t in self.tiles):
+                output.update(_tile_fields(self.tiles, _dtype(self.model), output["prompt_ids"].device))
+            self.tiles = None
+            return output
 
-            def _generate_and_score_completions(self, inputs):
-                output = super()._generate_and_score_completions(inputs)
-                if self.tiles is not None and any(t is not None for t in self.tiles):
-                    output.update(_tile_fields(self.tiles, _dtype(self.model), output["prompt_ids"].device))
-                self.tiles = None
-                return output
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               pixel_values=None, num_tiles=None, num_images=None, **rest):
+            if pixel_values is None and self.tiles is not None and any(t is not None for t in self.tiles):
+                fields = _tile_fields(self.tiles, _dtype(model), input_ids.device)
+                pixel_values, num_tiles, num_images = (fields["pixel_values"], fields["num_tiles"],
+                                                       fields["num_images"])
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                pixel_values=pixel_values, num_tiles=num_tiles, num_images=num_images, **rest)
 
-            def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
-                                                   batch_size=None, compute_entropy=False, compute_aux_loss=False,
-                                                   pixel_values=None, num_tiles=None, num_images=None, **rest):
-                if pixel_values is None and self.tiles is not None and any(t is not None for t in self.tiles):
-                    fields = _tile_fields(self.tiles, _dtype(model), input_ids.device)
-                    pixel_values, num_tiles, num_images = (fields["pixel_values"], fields["num_tiles"],
-                                                           fields["num_images"])
-                return super()._get_per_token_logps_and_entropies(
-                    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
-                    pixel_values=pixel_values, num_tiles=num_tiles, num_images=num_images, **rest)
+    def rollout(prompts: list[str], trainer: Trainer) -> dict[str, Any]:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        samples = [builder.build(lookup[key][0], lookup[key][1], index=lookup[key][2], generation=True)
+                   for key in prompts]
+        trainer.tiles = [s.tiles for s in samples]
+        completions = _sample(model, samples, tokenizer, builder, trainer.args.max_completion_length,
+                              trainer.args.temperature)
+        return {"prompt_ids": [s.input_ids.tolist() for s in samples], "completion_ids": completions,
+                "logprobs": None}
 
-        def rollout(prompts: list[str], trainer: Trainer) -> dict[str, Any]:
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            samples = [builder.build(lookup[key][0], lookup[key][1], index=lookup[key][2], generation=True)
-                       for key in prompts]
-            trainer.tiles = [s.tiles for s in samples]
-            completions = _sample(model, samples, tokenizer, builder, trainer.args.max_completion_length,
-                                  trainer.args.temperature)
-            return {"prompt_ids": [s.input_ids.tolist() for s in samples], "completion_ids": completions,
-                    "logprobs": None}
-
-        return Trainer(rollout_func=rollout, processing_class=tokenizer, **kwargs)
+    return Trainer(rollout_func=rollout, processing_class=tokenizer, **kwargs)
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:
@@ -232,9 +229,9 @@ def train_grpo(loaded: Loaded, entries: Sequence[Entry], config: RLConfig, outpu
             p.requires_grad_(True)
     builder = make_builder(loaded, TrainConfig(max_tiles=config.max_tiles, seed=config.seed), train=False)
     dataset = Dataset.from_dict({"prompt": [_key(record, i) for i, (record, _) in enumerate(entries)]})
-    trainer = AdaptGRPOTrainer.build(entries, builder, loaded.tokenizer, model=loaded.model,
-                                     reward_funcs=reward_functions(entries), args=args, train_dataset=dataset,
-                                     peft_config=lora, callbacks=[CompletedCheckpoints(), *callbacks])
+    trainer = grpo_trainer(entries, builder, loaded.tokenizer, model=loaded.model,
+                           reward_funcs=reward_functions(entries), args=args, train_dataset=dataset,
+                           peft_config=lora, callbacks=[CompletedCheckpoints(), *callbacks])
     checkpoint = last_complete_checkpoint(output_dir) if resume else None
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return RLResult(trainer.model, trainer.state.global_step, list(trainer.state.log_history))
