@@ -112,6 +112,7 @@ class RunConfig:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     eval: dict[str, Any] = field(default_factory=dict)
     filter: dict[str, Any] = field(default_factory=dict)  # FilterConfig settings over the recipe's; {}: no filter
+    stages: list[dict[str, Any]] = field(default_factory=list)  # staged training (adapt.training.stages); empty: one stage
     strict: bool = False
     runs_dir: str = "runs"
     name: str | None = None
@@ -415,6 +416,10 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
             setattr(config, key, value)
         run_dir = None
     domain, train_config, eval_settings = resolve(config)
+    if config.stages:  # a bad stage fails here, before any data step or training
+        from adapt.training.stages import check_stages
+
+        check_stages(config.stages, train_config)
     run_dir = run_dir or Path(config.runs_dir) / agreed(run_name(config))
     shared = Path(shared_dir) if shared_dir else None
     if main:
@@ -453,8 +458,15 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
             if cached is not None:
                 evaluation.save_report(before, cached)
     say(f"training ({train_config.mode}) on {len(data.mixture.entries)} samples")
-    result = train(loaded, data.mixture.entries, train_config, run_dir / "checkpoints", resume=resume is not None,
-                   logging_dir=run_dir / "logs", progress=progress, callbacks=[console.LogToRunLog()])
+    if config.stages:
+        from adapt.training.stages import train_run_stages
+
+        result = train_run_stages(config, domain, train_config, eval_settings, run_dir, loaded, data.mixture.entries,
+                                  data.heldout, resume=resume is not None, shared_dir=shared, progress=progress)
+    else:
+        result = train(loaded, data.mixture.entries, train_config, run_dir / "checkpoints",
+                       resume=resume is not None, logging_dir=run_dir / "logs", progress=progress,
+                       callbacks=[console.LogToRunLog()])
     say(result.trainable)
     export_dir = run_dir / "export" if export else None
     if main:
@@ -614,3 +626,17 @@ def export_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False)
             "training": train_config.__dict__}
     return export_model(loaded.model, loaded.tokenizer, loaded.template, out, card=card, overwrite=overwrite,
                         max_tiles=train_config.max_tiles)
+
+
+def preference(model: str, out: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """DPO / MPO post-training on TRL (see adapt.training.posttrain.preference_run)."""
+    from adapt.training.posttrain import preference_run
+
+    return preference_run(model, out, **kwargs)
+
+
+def grpo(model: str, records: str | Path, out: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """GRPO post-training with task rewards on TRL (see adapt.training.posttrain.grpo_run)."""
+    from adapt.training.posttrain import grpo_run
+
+    return grpo_run(model, records, out, **kwargs)

@@ -7,6 +7,8 @@
     adapt export RUN_DIR --out DIR
     adapt convert SRC DST
     adapt sweep --domain driving --ratios 0 0.25 0.5
+    adapt dpo --model DIR (--pairs PAIRS.jsonl | --from-records DATA) --out DIR [--opt loss=mpo]
+    adapt grpo --model DIR --data DATA --out DIR [--opt key=value]
 
 User errors print one clear message (file, row, what to do) and exit with code 2; a traceback
 means a bug in adapt.
@@ -150,6 +152,51 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from adapt import api
+
+    summary = api.preference(args.model, args.out, pairs=args.pairs, records=args.from_records,
+                             heldout_pairs=args.heldout_pairs, heldout_records=args.heldout_records,
+                             options=_options(args.opt), samples=args.samples, resume=args.resume,
+                             progress=not args.quiet)
+    print(json.dumps({"before": summary["before"]["preference"], "after": summary["after"]["preference"]}, indent=2))
+    return 0
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from adapt import api
+
+    summary = api.grpo(args.model, args.data, args.out, heldout_records=args.heldout, options=_options(args.opt),
+                       resume=args.resume, progress=not args.quiet)
+    print(json.dumps({"before": summary["before"]["greedy"], "after": summary["after"]["greedy"]}, indent=2))
+    return 0
+
+
+def _posttrain_parsers(sub) -> None:
+    dpo = sub.add_parser("dpo", help="preference optimisation (DPO, or the MPO loss mix) on TRL")
+    dpo.add_argument("--model", required=True, help="the model to start from (an adapt export, or a preset)")
+    dpo.add_argument("--pairs", help="preference JSONL: prompt, chosen, rejected, image (relative to its folder)")
+    dpo.add_argument("--from-records", help="labelled records: pairs from the model's own answers, scored")
+    dpo.add_argument("--samples", type=int, default=4, help="answers sampled per record with --from-records")
+    dpo.add_argument("--heldout-pairs", help="held-out preference JSONL (default: 10%% of the pairs)")
+    dpo.add_argument("--heldout-records", help="labelled records for task metrics before/after")
+    dpo.add_argument("--out", required=True)
+    dpo.add_argument("--opt", action="append", help="PreferenceConfig key=value, e.g. loss=mpo mode=lora beta=0.1")
+    dpo.add_argument("--resume", action="store_true")
+    dpo.add_argument("--quiet", action="store_true")
+    dpo.set_defaults(func=cmd_dpo)
+
+    grpo = sub.add_parser("grpo", help="GRPO with adapt's task metrics as rewards, on TRL")
+    grpo.add_argument("--model", required=True)
+    grpo.add_argument("--data", required=True, help="labelled records (formatted folder, meta file or JSONL)")
+    grpo.add_argument("--heldout", help="held-out labelled records (default: 10%% of --data)")
+    grpo.add_argument("--out", required=True)
+    grpo.add_argument("--opt", action="append", help="RLConfig key=value, e.g. generations=8 mode=lora")
+    grpo.add_argument("--resume", action="store_true")
+    grpo.add_argument("--quiet", action="store_true")
+    grpo.set_defaults(func=cmd_grpo)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="adapt", description="Adapt small InternVL models to a domain.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -235,6 +282,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--runs-dir")
     sw.add_argument("--quiet", action="store_true", help="print warnings, errors and the final table only; progress goes to RUN_DIR/logs/run.log")
     sw.set_defaults(func=cmd_sweep)
+    _posttrain_parsers(sub)
     return top
 
 
