@@ -193,9 +193,10 @@ def generate_vqa_rad(source: Path, out: Path, report: Report, *, images: str | P
     other_split = 0
     for index, row in enumerate(_read_json_list(path)):
         record_id = f"vqa_rad-{index}"
+        line = index + 1  # rows are reported 1-based, as every formatter reports them
         report.read += 1
         if not isinstance(row, dict):
-            report.skip("row is not an object", path=path, row=index, id=record_id)
+            report.skip("row is not an object", path=path, row=line, id=record_id)
             continue
         row_split = "test" if _text(row.get("phrase_type")).startswith("test") else "train"
         if split != "all" and row_split != split:
@@ -203,9 +204,9 @@ def generate_vqa_rad(source: Path, out: Path, report: Report, *, images: str | P
             continue
         problem = _required(row, ("image_name", "question", "answer"))
         if problem:
-            report.skip(problem, path=path, row=index, id=record_id)
+            report.skip(problem, path=path, row=line, id=record_id)
             continue
-        image = _usable_image(root, _text(row["image_name"]), report, path=path, row=index, record_id=record_id)
+        image = _usable_image(root, _text(row["image_name"]), report, path=path, row=line, record_id=record_id)
         if image is None:
             continue
         answer = _text(row["answer"])
@@ -220,6 +221,25 @@ VQA_RAD = Formatter("vqa-rad", generate_vqa_rad, _vqa_rad_images, "VQA-RAD radio
 
 
 # ----------------------------------------------------------------------------------------------- SLAKE
+
+
+# SLAKE's Chinese closed questions answer with an affirmative verb or its negation (是/不是, 包含/不包含,
+# 有/没有, 是/否); the pair is the choice set, as yes/no is for the English ones.
+_ZH_NEGATION = {"否": "是", "没有": "有"}
+_ZH_NEGATED = {"有": "没有"}
+
+
+def chinese_yes_no(answer: str) -> list[str] | None:
+    """[affirmative, negative] for a Chinese yes/no-style answer, None for any other (an organ name)."""
+    if answer in _ZH_NEGATION:
+        return [_ZH_NEGATION[answer], answer]
+    if answer in _ZH_NEGATED:
+        return [answer, _ZH_NEGATED[answer]]
+    if len(answer) > 1 and answer.startswith("不"):
+        return [answer[1:], answer]
+    if answer in ("是", "包含", "正常", "对", "存在"):
+        return [answer, "不" + answer]
+    return None
 
 
 def _slake_json(source: Path, split: str) -> Path:
@@ -246,9 +266,10 @@ def generate_slake(source: Path, out: Path, report: Report, *, split: str = "tra
     other_language = 0
     for index, row in enumerate(_read_json_list(path)):
         record_id = f"slake-{path.stem}-{index}"
+        line = index + 1  # rows are reported 1-based, as every formatter reports them
         report.read += 1
         if not isinstance(row, dict):
-            report.skip("row is not an object", path=path, row=index, id=record_id)
+            report.skip("row is not an object", path=path, row=line, id=record_id)
             continue
         row_lang = _text(row.get("q_lang")).lower()
         if lang != "all" and row_lang != lang:
@@ -256,14 +277,16 @@ def generate_slake(source: Path, out: Path, report: Report, *, split: str = "tra
             continue
         problem = _required(row, ("img_name", "question", "answer"))
         if problem:
-            report.skip(problem, path=path, row=index, id=record_id)
+            report.skip(problem, path=path, row=line, id=record_id)
             continue
-        image = _usable_image(root, _text(row["img_name"]), report, path=path, row=index, record_id=record_id)
+        image = _usable_image(root, _text(row["img_name"]), report, path=path, row=line, record_id=record_id)
         if image is None:
             continue
         answer = _text(row["answer"])
-        yield _vqa_record(record_id, image, _text(row["question"]), answer, source="slake",
-                          answer_type=_answer_type(row.get("answer_type"), answer), split=path.stem,
+        kind = _answer_type(row.get("answer_type"), answer)
+        yield _vqa_record(record_id, image, _text(row["question"]), answer, source="slake", answer_type=kind,
+                          choices=chinese_yes_no(answer) if kind == "closed" and row_lang == "zh" else None,
+                          split=path.stem,
                           lang=row_lang, qid=row.get("qid"), modality=_text(row.get("modality")),
                           location=_text(row.get("location")), content_type=_text(row.get("content_type")))
     report.stats["other_language_rows"] = report.stats.get("other_language_rows", 0) + other_language
@@ -293,7 +316,11 @@ def _option_text(letter: str, cell: str) -> str:
 
 
 def _label_from_answer(answer: str, options: dict[str, str]) -> str | None:
-    """The option letter an answer cell names: its own 'B:' prefix, else the one option with the same text."""
+    """The option letter an answer cell names: a bare letter (the `_2` csv files write `B`), its own 'B:'
+    prefix, else the one option with the same text."""
+    bare = answer.strip().upper()
+    if bare in options:
+        return bare
     match = _LETTER_PREFIX.match(answer)
     if match and match.group(1) in options:
         return match.group(1)
@@ -437,7 +464,7 @@ def generate_pathvqa(source: Path, out: Path, report: Report, *, split: str | No
         image_dir.mkdir(parents=True, exist_ok=True)
     index = 0
     for path in files:
-        for row_no, row in enumerate(_parquet_rows(path) if kind == "parquet" else _pickle_rows(path)):
+        for row_no, row in enumerate(_parquet_rows(path) if kind == "parquet" else _pickle_rows(path), start=1):
             record_id = f"pathvqa-{split}-{index}"
             index += 1
             report.read += 1
