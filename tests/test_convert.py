@@ -471,3 +471,14 @@ def test_sharded_output_with_index(tmp_path, converted, monkeypatch):
     assert native_state(dst).keys() == native_state(converted["internlm2"]["dst"]).keys()
     _, loading = InternVLForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
     assert not loading["missing_keys"] and not loading["unexpected_keys"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_missing_shard_without_index_is_named(tmp_path, fmt):
+    """Before, the untied Phi-3 head sat in the lost shard and the message said "no LM head"."""
+    write_original_checkpoint(tmp_path / "src", "phi3", fmt=fmt, shards=2)
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    (tmp_path / "src" / f"{stem}.{fmt}.index.json").unlink()
+    (tmp_path / "src" / f"{stem}-00002-of-00002.{fmt}").unlink()
+    message = _error(tmp_path / "src", tmp_path / "dst")
+    assert f"{stem}-00002-of-00002.{fmt}" in message and "LM head" not in message

@@ -65,6 +65,24 @@ _GENERIC_FIELDS = {"transformers_version", "architectures", "output_hidden_state
 
 # --------------------------------------------------------------------------------------------- source
 
+_NUMBERED_SHARD = re.compile(r"^(?P<stem>.+)-(?P<n>\d+)-of-(?P<total>\d+)\.(?P<ext>safetensors|bin)$")
+
+
+def _check_numbered_shards(root: Path, files: list[Path]) -> None:
+    """Shards named `model-00001-of-00004.safetensors` announce how many there are: name the missing ones
+    (without an index nothing else would notice, and the conversion would fail later on a missing tensor)."""
+    expected: set[str] = set()
+    for path in files:
+        match = _NUMBERED_SHARD.match(path.name)
+        if match:
+            width, total = len(match["n"]), int(match["total"])
+            expected |= {f"{match['stem']}-{i:0{width}d}-of-{match['total']}.{match['ext']}" for i in range(1, total + 1)}
+    missing = sorted(expected - {path.name for path in files})
+    if missing:
+        raise AdaptError(f"weight shard(s) missing: {', '.join(missing)}", path=root,
+                         hint="the download is incomplete; fetch the missing file(s) of the checkpoint")
+
+
 class _Source:
     """The tensors of an original checkpoint by key: safetensors read lazily, `.bin` shards loaded once
     with `torch.load(weights_only=True)` (no arbitrary unpickling)."""
@@ -76,6 +94,7 @@ class _Source:
         self._handles: dict[Path, Any] = {}
         self._loaded: dict[str, torch.Tensor] = {}
         safetensors = self._listed(root / "model.safetensors.index.json") or sorted(root.glob("model*.safetensors"))
+        _check_numbered_shards(root, safetensors or sorted(root.glob("pytorch_model*.bin")))
         if safetensors:
             self.kind = "safetensors"
             for path in safetensors:
