@@ -38,6 +38,7 @@ from adapt.checkpoints import models
 from adapt.data import mixing
 from adapt.data.records import Record
 from adapt.data.samples import SampleBuilder
+from adapt.data.splits import split_by_group
 from adapt.errors import AdaptError, Report
 from adapt.evaluation import evaluator as evaluation
 from adapt.fileio import atomic_write_text
@@ -316,6 +317,7 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
             bucket.extend(mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label, report=report,
                                               seed=seed))
     heldout: dict[str, list[tuple[Record, str]]] = {"domain": [], "general": []}
+    holdout: dict[str, Any] = {}  # per source: the grouping of its held-out split, for the manifest
     train_domain, train_general = [], []
     for kind, sources, keep, size in (("domain", domain_sources, train_domain, eval_settings["holdout"]),
                                       ("general", general_sources, train_general, eval_settings["general_holdout"])):
@@ -324,13 +326,14 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
             if len(source) < 2:
                 keep.append(source)
                 continue
-            train_part, held_part = mixing.split_holdout(source, n, seed)
+            train_part, held_part, holdout[source.name] = split_by_group(source, n, seed)
             keep.append(train_part)
             heldout[kind] += [(r, held_part.root) for r in held_part.records]
     builder = make_builder(loaded, train_config)
     mixture = mixing.mix(train_domain, train_general if config.general_ratio > 0 else [],
                          general_ratio=config.general_ratio, mix_by=config.mix_by, seed=seed,
                          upsample=config.upsample or config.demo, measure=mixing.supervised_tokens(builder))
+    mixture.holdout = holdout
     mixture.save(mixture_dir, plan=builder.plan)
     atomic_write_text(heldout_file, json.dumps(heldout, ensure_ascii=False))
     say(mixture.summary())

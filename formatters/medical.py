@@ -639,6 +639,7 @@ def generate_dicom(source: Path, out: Path, report: Report, *, labels: str | Pat
     is_vqa = {"question", "answer"} <= set(header)
     classes = sorted({_text(r.get("label")) for r in rows if _text(r.get("label"))}) if not is_vqa else []
     rendered: dict[str, tuple[str | None, str, str]] = {}  # file -> (png or None, skip reason, modality)
+    owners: dict[str, dict[str, str]] = {}  # file -> patient_id / study_uid, for held-out splits by patient
     for line, row in enumerate(rows, start=2):
         record_id = f"dicom-{line}"
         report.read += 1
@@ -649,6 +650,7 @@ def generate_dicom(source: Path, out: Path, report: Report, *, labels: str | Pat
         rel = _text(row["file"])
         if rel not in rendered:
             rendered[rel] = _render_to_png(root, rel, out, window, frame)
+            owners[rel] = _patient_and_study(root / rel) if rendered[rel][0] is not None else {}
         image, reason, modality = rendered[rel]
         if image is None:
             report.skip(reason, path=label_file, row=line, id=record_id)
@@ -656,13 +658,21 @@ def generate_dicom(source: Path, out: Path, report: Report, *, labels: str | Pat
         if is_vqa:
             answer = _text(row["answer"])
             yield _vqa_record(record_id, image, _text(row["question"]), answer, source="dicom",
-                              answer_type=_answer_type(None, answer), file=rel, modality=modality)
+                              answer_type=_answer_type(None, answer), file=rel, modality=modality, **owners[rel])
         else:
             question = (f"What does this {modality or 'medical'} image show? Choose one of: {', '.join(classes)}.\n"
                         "Answer with the label only.")
             yield _vqa_record(record_id, image, question, _text(row["label"]), source="dicom",
                               answer_type="closed", task="classification", choices=classes, file=rel,
-                              modality=modality)
+                              modality=modality, **owners[rel])
+
+
+def _patient_and_study(path: Path) -> dict[str, str]:
+    """The file's PatientID and StudyInstanceUID (either may be absent), read from the header only."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+    found = {"patient_id": str(ds.get("PatientID", "") or "").strip(),
+             "study_uid": str(ds.get("StudyInstanceUID", "") or "").strip()}
+    return {key: value for key, value in found.items() if value}
 
 
 def _render_to_png(root: Path, rel: str, out: Path, window: tuple[float, float] | None,

@@ -34,13 +34,6 @@ def image(path: Path, size=(64, 48)) -> None:
     Image.fromarray(np.full((size[1], size[0], 3), 120, np.uint8)).save(path)
 
 
-def format_records(kind: str, source: Path, out: Path, **options):
-    report = run(formatters.get(kind), source, out, progress=False, **options)
-    records = [json.loads(line) for line in (out / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines()] \
-        if (out / f"{kind}.jsonl").exists() else []
-    return report, records
-
-
 def _jsonl(out: Path) -> list[dict]:
     files = list(out.glob("*.jsonl"))
     assert len(files) == 1, files
