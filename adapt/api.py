@@ -558,15 +558,19 @@ def from_checkpoint(checkpoint: Path, config: RunConfig, train_config: TrainConf
     return models.Loaded(model, base.tokenizer, base.template, str(checkpoint))
 
 
-def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a model (default: the run's export) on the run's held-out sets; saved under eval/."""
+def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None, judge: str | None = None) -> dict[str, Any]:
+    """Evaluate a model (default: the run's export) on the run's held-out sets; saved under eval/.
+    `judge` (a local chat model, off by default) adds DriveLM's GPT score, named in the report."""
+    from adapt.evaluation.judge import LocalJudge
+
     run_dir, config, train_config, eval_settings = _load_run(run_dir)
     target = Path(model) if model else run_dir / "export"
     loaded = models.load(str(target)) if target.exists() else load_trained(run_dir)
     held = json.loads((run_dir / "data" / "heldout.json").read_text())
     sets = {k: [(r, root) for r, root in v] for k, v in held.items()}
     report = evaluation.evaluate(loaded, make_builder(loaded, train_config, train=False), sets,
-                                 batch_size=eval_settings["batch_size"], max_new_tokens=eval_settings["max_new_tokens"])
+                                 batch_size=eval_settings["batch_size"], max_new_tokens=eval_settings["max_new_tokens"],
+                                 judge=LocalJudge.load(judge) if judge else None)
     evaluation.save_report(report, run_dir / "eval" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
     return report
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapt.errors import Report
+from adapt.errors import AdaptError, Report
 from adapt.evaluation import metrics
 from adapt.evaluation.evaluator import score_task
 from adapt.evaluation.judge import judge_messages, parse_rating
@@ -268,3 +268,30 @@ def test_judge_prompt_and_rating_parse_are_the_official_ones():
                                            "This is my answer: Keep going.")
     assert parse_rating("78") == 78.0 and parse_rating(" 62.") == 62.0
     assert parse_rating("no idea") is None and parse_rating("250") is None
+
+
+def test_local_judge_rates_with_a_real_chat_model_and_is_named(tmp_path, tiny_tokenizer):
+    """A tiny random chat model stands in for the judge: its replies are parsed or counted, never invented."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from adapt.evaluation.drivelm import score_driving
+    from adapt.evaluation.judge import LocalJudge
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "judge")
+    tiny_tokenizer.save_pretrained(tmp_path / "judge")
+    judge = LocalJudge.load(str(tmp_path / "judge"), max_new_tokens=3)
+    ratings = judge.rate(["Keep going.", "Stop."], ["Slow down.", "Stop."])
+    assert len(ratings) == 2 and all(r is None or 0 <= r <= 100 for r in ratings)
+    assert judge.unparsable == sum(r is None for r in ratings)
+    records = [{"id": f"q{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+                "meta": {"task": "driving", "sample_token": "f", "qa_type": "planning", "index": i, "tag": tag}}
+               for i, (q, a, tag) in enumerate([("What now?", "Slow down.", [1]), ("Moving?", "Yes.", [0])])]
+    scores = score_driving(records, ["Keep going.", "Yes."], ["Slow down.", "Yes."], judge)
+    assert scores["accuracy"] == 1.0 and scores["gpt_count"] == 1
+    assert (scores["judge"] == str(tmp_path / "judge")) == (scores["chatgpt"] is not None)
+    with pytest.raises(AdaptError, match="could not be loaded"):
+        LocalJudge.load(str(tmp_path / "nowhere"))
