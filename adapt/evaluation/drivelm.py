@@ -10,7 +10,6 @@ open -> language, open with object points -> also match. Which routing was used 
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -19,7 +18,6 @@ from adapt.data.records import Record
 from adapt.evaluation import metrics
 
 _DRIVELM_ORDER = ("perception", "prediction", "planning", "behavior")
-_CHOICE_OR_YES_NO = re.compile(r"\s*(?:[A-D]\.?\s*$|(?i:yes|no)\b)")
 
 
 class Judge(Protocol):
@@ -30,7 +28,9 @@ class Judge(Protocol):
 
 def answer_tag(answer_px: str) -> list[int]:
     """The tag a question without a challenge tag gets, from its camera-pixel answer."""
-    if _CHOICE_OR_YES_NO.match(answer_px):
+    from formatters.driving import answer_type
+
+    if answer_type(answer_px) != "open":
         return [metrics.DRIVELM_ACCURACY_TAG]
     if metrics.point_match(answer_px, answer_px)[1]:
         return [metrics.DRIVELM_LANGUAGE_TAG, metrics.DRIVELM_MATCH_TAG]
