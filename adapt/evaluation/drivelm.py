@@ -26,11 +26,12 @@ class Judge(Protocol):
     def rate(self, answers: Sequence[str], references: Sequence[str]) -> list[float | None]: ...
 
 
-def answer_tag(answer_px: str) -> list[int]:
-    """The tag a question without a challenge tag gets, from its camera-pixel answer."""
+def answer_tag(answer_px: str, declared: str | None = None) -> list[int]:
+    """The tag a question without a challenge tag gets, from its camera-pixel answer (nuScenes
+    which-camera questions, declared "camera", are closed: accuracy)."""
     from formatters.driving import answer_type
 
-    if answer_type(answer_px) != "open":
+    if declared == "camera" or answer_type(answer_px) != "open":
         return [metrics.DRIVELM_ACCURACY_TAG]
     if metrics.point_match(answer_px, answer_px)[1]:
         return [metrics.DRIVELM_LANGUAGE_TAG, metrics.DRIVELM_MATCH_TAG]
@@ -65,7 +66,7 @@ def score_driving(records: Sequence[Record], predictions: Sequence[str], referen
             for i, flag in zip(indices, kept):
                 keep[i] = flag
     scored = [i for i in range(len(records)) if keep[i]]
-    tags = [metas[i]["tag"] if official else answer_tag(refs[i]) for i in scored]
+    tags = [metas[i]["tag"] if official else answer_tag(refs[i], metas[i].get("answer_type")) for i in scored]
     ratings = None
     if judge is not None:
         ratings = [None] * len(scored)
