@@ -17,8 +17,6 @@ from typing import Any, Protocol
 from adapt.data.records import Record
 from adapt.evaluation import metrics
 
-_DRIVELM_ORDER = ("perception", "prediction", "planning", "behavior")
-
 
 class Judge(Protocol):
     name: str
@@ -39,8 +37,11 @@ def answer_tag(answer_px: str, declared: str | None = None) -> list[int]:
 
 
 def _frame_order(meta: dict[str, Any]) -> tuple[int, int]:
+    """The official order within a key frame: perception, prediction, planning, behavior, then the index."""
+    from formatters.driving import DRIVELM_GROUPS
+
     group = meta.get("qa_type")
-    return (_DRIVELM_ORDER.index(group) if group in _DRIVELM_ORDER else len(_DRIVELM_ORDER), int(meta.get("index", 0)))
+    return (DRIVELM_GROUPS.index(group) if group in DRIVELM_GROUPS else len(DRIVELM_GROUPS), int(meta.get("index", 0)))
 
 
 def score_driving(records: Sequence[Record], predictions: Sequence[str], references: Sequence[str],
