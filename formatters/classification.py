@@ -25,11 +25,11 @@ are the subset), `prompt_prefix`, `prompt_suffix`, `source_name`, `domain`.
   row (CSV row = line number), as are missing and corrupt images.
 - MEDMNIST reads `<flag>.npz` (`{split}_images` (N, H, W) grayscale or (N, H, W, 3) RGB uint8,
   `{split}_labels` (N,) or (N, 1)) and writes PNGs under `out/images/`; `label_names` (a list, a JSON
-  file with a list or MedMNIST's `{"0": "name", ...}` dict) is required since the npz holds only
-  indices. Multi-label (ChestMNIST) and 3D volumes are refused: they are not single-choice tasks.
+  file with a list or MedMNIST's `{"0": "name", ...}` dict, read relative to the working directory)
+  is required since the npz holds only indices. Multi-label (ChestMNIST) and 3D volumes are refused: they are not single-choice tasks.
   The npz is read with `allow_pickle=False` and its images streamed one at a time (MedMNIST+ 224 px
   splits do not fit in memory); a label index outside `label_names` is a skip whose row is the
-  0-based sample index.
+  1-based sample number.
 """
 
 from __future__ import annotations

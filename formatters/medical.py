@@ -10,9 +10,11 @@ Sources and their options (all keyword options of `formatters.base.run`):
   `<dir>/VQA_RAD Image Folder`), `split` = all | train | test (test = phrase_type test_*).
 - `slake`: the SLAKE folder (train.json / validate.json / test.json, images under imgs/) or one of
   its json files. `split` = train | validate | test (default train), `lang` = en | zh | all
-  (default en), `images` (default `<dir>/imgs`).
+  (default en), `images` (default `<dir>/imgs`). Closed yes/no questions get their two answers as
+  `choices` in both languages (yes/no; 是/不是, 包含/不包含, ...).
 - `pmc-vqa`: a PMC-VQA csv (or its folder + `split`, default train -> train.csv). Both answer
-  column spellings (Answer / Anwser) are read. `images` (default `<dir>/images`, else `figures`).
+  column spellings (Answer / Anwser) are read, and both releases' answers: the option text or
+  `B: text` (v1) and the bare letter `B` of the `_2` files. `images` (default `<dir>/images`, else `figures`).
   The question lists the lettered options; the answer is the letter.
 - `pathvqa`: the parquet mirror (a file or a folder of `<split>-*.parquet`; images are written as
   PNG under out/images/) or, only with `allow_pickle=True`, the original `<split>_qa.pkl` lists.
@@ -23,7 +25,10 @@ Sources and their options (all keyword options of `formatters.base.run`):
   over the set of labels) or `question` + `answer` columns (VQA). `window` = (center, width),
   "center,width" or a preset name (see WINDOW_PRESETS; default: the file's VOI LUT / window,
   else the image's full range), `frame` (multi-frame files; default the middle frame).
-  Renders are RGB PNGs under out/images/.
+  Renders are RGB PNGs under out/images/; meta carries the file's PatientID / StudyInstanceUID
+  (`patient_id`, `study_uid`) so held-out splits keep a patient on one side.
+
+Skip rows are 1-based everywhere: the Nth item of a JSON list, the file line of a CSV.
 """
 
 from __future__ import annotations
