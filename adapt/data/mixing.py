@@ -155,7 +155,7 @@ def _non_empty(records: list[Record], name: str, path: str | Path, report: Repor
     return records
 
 
-# -- held-out sets ----------------------------------------------------------------------------------
+# -- sample identity (held-out splits live in adapt.data.splits) -------------------------------------
 
 def content_key(record: Record) -> str:
     """What makes two records the same sample (meta ignored): repeats from `repeat_time` and
