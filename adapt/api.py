@@ -40,6 +40,7 @@ from adapt.checkpoints import models
 from adapt.data import filtering, mixing
 from adapt.data.records import Record
 from adapt.data.samples import SampleBuilder
+from adapt.data.splits import split_by_group
 from adapt.errors import AdaptError, Report
 from adapt.evaluation import evaluator as evaluation
 from adapt.fileio import atomic_write_text
@@ -319,6 +320,7 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
                 bucket.extend(mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label,
                                                   report=report, seed=seed))
     heldout: dict[str, list[tuple[Record, str]]] = {"domain": [], "general": []}
+    holdout: dict[str, Any] = {}  # per source: the grouping of its held-out split, for the manifest
     train_domain, train_general = [], []
     for kind, sources, keep, size in (("domain", domain_sources, train_domain, eval_settings["holdout"]),
                                       ("general", general_sources, train_general, eval_settings["general_holdout"])):
@@ -327,7 +329,7 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
             if len(source) < 2:
                 keep.append(source)
                 continue
-            train_part, held_part = mixing.split_holdout(source, n, seed)
+            train_part, held_part, holdout[source.name] = split_by_group(source, n, seed)
             keep.append(train_part)
             heldout[kind] += [(r, held_part.root) for r in held_part.records]
     train_domain, train_general, filtered = filtering.filter_training(
@@ -337,6 +339,7 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
     mixture = mixing.mix(train_domain, train_general if config.general_ratio > 0 else [],
                          general_ratio=config.general_ratio, mix_by=config.mix_by, seed=seed,
                          upsample=config.upsample or config.demo, measure=mixing.supervised_tokens(builder))
+    mixture.holdout = holdout
     mixture.save(mixture_dir, plan=builder.plan)
     if filtered is not None:
         filtering.record_in_manifest(mixture_dir / "manifest.json", filtered)
@@ -599,15 +602,19 @@ def from_checkpoint(checkpoint: Path, config: RunConfig, train_config: TrainConf
     return models.Loaded(model, base.tokenizer, base.template, str(checkpoint))
 
 
-def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a model (default: the run's export) on the run's held-out sets; saved under eval/."""
+def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None, judge: str | None = None) -> dict[str, Any]:
+    """Evaluate a model (default: the run's export) on the run's held-out sets; saved under eval/.
+    `judge` (a local chat model, off by default) adds DriveLM's GPT score, named in the report."""
+    from adapt.evaluation.judge import LocalJudge
+
     run_dir, config, train_config, eval_settings = _load_run(run_dir)
     target = Path(model) if model else run_dir / "export"
     loaded = models.load(str(target)) if target.exists() else load_trained(run_dir)
     held = json.loads((run_dir / "data" / "heldout.json").read_text())
     sets = {k: [(r, root) for r, root in v] for k, v in held.items()}
     report = evaluation.evaluate(loaded, make_builder(loaded, train_config, train=False), sets,
-                                 batch_size=eval_settings["batch_size"], max_new_tokens=eval_settings["max_new_tokens"])
+                                 batch_size=eval_settings["batch_size"], max_new_tokens=eval_settings["max_new_tokens"],
+                                 judge=LocalJudge.load(judge) if judge else None)
     evaluation.save_report(report, run_dir / "eval" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
     return report
 

@@ -121,7 +121,7 @@ def _setting(text: str) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from adapt import api
 
-    report = api.evaluate_run(args.run_dir, model=args.model)
+    report = api.evaluate_run(args.run_dir, model=args.model, judge=args.judge)
     print(json.dumps({name: section.get("score") for name, section in report.items()}, indent=2))
     return 0
 
@@ -261,6 +261,8 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a run's model on its held-out sets")
     ev.add_argument("run_dir")
     ev.add_argument("--model", help="model folder to evaluate (default: the run's export)")
+    ev.add_argument("--judge", help="local chat model that rates DriveLM answers with the official GPT-score "
+                                    "prompt (off by default; the report names it)")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a run's model in the HF-native layout")

@@ -25,11 +25,11 @@ are the subset), `prompt_prefix`, `prompt_suffix`, `source_name`, `domain`.
   row (CSV row = line number), as are missing and corrupt images.
 - MEDMNIST reads `<flag>.npz` (`{split}_images` (N, H, W) grayscale or (N, H, W, 3) RGB uint8,
   `{split}_labels` (N,) or (N, 1)) and writes PNGs under `out/images/`; `label_names` (a list, a JSON
-  file with a list or MedMNIST's `{"0": "name", ...}` dict) is required since the npz holds only
-  indices. Multi-label (ChestMNIST) and 3D volumes are refused: they are not single-choice tasks.
+  file with a list or MedMNIST's `{"0": "name", ...}` dict, read relative to the working directory)
+  is required since the npz holds only indices. Multi-label (ChestMNIST) and 3D volumes are refused: they are not single-choice tasks.
   The npz is read with `allow_pickle=False` and its images streamed one at a time (MedMNIST+ 224 px
   splits do not fit in memory); a label index outside `label_names` is a skip whose row is the
-  0-based sample index.
+  1-based sample number.
 """
 
 from __future__ import annotations
@@ -262,14 +262,16 @@ def _classification_image_root(source: Path, **options: Any) -> Path:
 # MedMNIST
 # --------------------------------------------------------------------------------------------------
 
-def _label_names(value: list[str] | dict[str, str] | str | None, base: Path) -> list[str]:
+def _label_names(value: list[str] | dict[str, str] | str | None) -> list[str]:
+    """The class names; a file name is read relative to the working directory, as every path option
+    given on the command line is (DriveLM's `drivelm=` too), not relative to the npz."""
     if value is None:
         raise AdaptError("MedMNIST files hold label indices only: pass label_names",
                          hint='a list, or a JSON file with a list or MedMNIST\'s INFO[flag]["label"] dict '
                               '{"0": "adipose", "1": "background", ...}')
     source_path = None
     if isinstance(value, str):
-        source_path = Path(value) if Path(value).is_absolute() else base / value
+        source_path = Path(value)
         value = load_json(source_path, "label_names file")
     if isinstance(value, dict):
         try:
@@ -332,7 +334,7 @@ def _medmnist(source: Path, out: Path, report: Report, **options: Any) -> Iterat
     opts = parse_options(MedmnistOptions, options, "medmnist")
     if source.suffix.lower() != ".npz":
         raise AdaptError("expected a MedMNIST <flag>.npz file", path=source)
-    names = _label_names(opts.label_names, source.parent)
+    names = _label_names(opts.label_names)
     labels = _medmnist_labels(source, opts.split)
     mc = MultipleChoice("medmnist", names, opts)
     flag = source.stem
@@ -348,7 +350,8 @@ def _medmnist(source: Path, out: Path, report: Report, **options: Any) -> Iterat
         ident = f"{name}-{opts.split}-{index}"
         value = int(labels[index])
         if not 0 <= value < len(names):
-            report.skip(f"unknown label index {value} (label_names has {len(names)})", path=source, row=index, id=ident)
+            report.skip(f"unknown label index {value} (label_names has {len(names)})", path=source, row=index + 1,
+                        id=ident)
             continue
         if not mc.keeps(names[value]):
             _count(report, "outside_subset")

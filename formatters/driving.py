@@ -818,9 +818,15 @@ def _converted_qa(pair: Any, group: str, index: int, sample_token: str, path: Pa
     except ValueError as err:
         report.skip(f"bad object tag: {err}", path=path, id=where)
         return None
-    return {"qa_type": group, "index": index, "question": question, "answer": answer,
+    tag = pair.get("tag")
+    if tag is not None and not (isinstance(tag, list) and tag and all(t in (0, 1, 2, 3) for t in tag)):
+        report.skip(f"challenge 'tag' must be a list of 0..3 (accuracy, GPT, language, match), got {tag!r}",
+                    path=path, id=where)
+        return None
+    item = {"qa_type": group, "index": index, "question": question, "answer": answer,
             "answer_type": answer_type(pair["A"]), "question_camera_px": pair["Q"],
             "answer_camera_px": pair["A"], "tags_camera_px": tags_in(pair["A"])}
+    return item if tag is None else {**item, "tag": tag}
 
 
 DRIVING = Formatter(

@@ -54,6 +54,7 @@ class _Part:
     annotation: Path
     root: Path
     repeat_time: float = 1.0
+    paths_from: str | None = None  # a meta entry's relative paths: "working directory" / "meta file folder"
 
 
 def _first_char(path: Path) -> str:
@@ -87,7 +88,7 @@ def _plan(source: Path, opts: GeneralOptions) -> tuple[list[_Part], Path]:
             raise AdaptError(f"dataset(s) {unknown} are not in the meta file", path=source,
                              hint="choose from: " + ", ".join(s.name for s in specs))
         specs = [s for s in specs if s.name in opts.dataset]
-    parts = [_Part(s.name, Path(s.annotation), Path(s.root).resolve(), s.repeat_time) for s in specs]
+    parts = [_Part(s.name, Path(s.annotation), Path(s.root).resolve(), s.repeat_time, s.resolved_from) for s in specs]
     roots = {p.root for p in parts}
     common = Path(os.path.commonpath([str(r) for r in roots]))
     if len(roots) > 1 and common == Path(common.anchor):
@@ -123,6 +124,8 @@ def _generate(source: Path, out: Path, report: Report, **options: Any) -> Iterat
     opts = parse_options(GeneralOptions, options, "general")
     choose("general", "verify_images", opts.verify_images, ("decode", "header"))
     parts, common = _plan(source, opts)
+    if any(p.paths_from for p in parts):
+        report.stats["meta_paths_relative_to"] = {p.name: p.paths_from for p in parts}
     repeats = {p.name: p.repeat_time for p in parts if p.repeat_time != 1}
     if repeats:
         report.stats["repeat_time"] = repeats

@@ -10,9 +10,11 @@ Sources and their options (all keyword options of `formatters.base.run`):
   `<dir>/VQA_RAD Image Folder`), `split` = all | train | test (test = phrase_type test_*).
 - `slake`: the SLAKE folder (train.json / validate.json / test.json, images under imgs/) or one of
   its json files. `split` = train | validate | test (default train), `lang` = en | zh | all
-  (default en), `images` (default `<dir>/imgs`).
+  (default en), `images` (default `<dir>/imgs`). Closed yes/no questions get their two answers as
+  `choices` in both languages (yes/no; 是/不是, 包含/不包含, ...).
 - `pmc-vqa`: a PMC-VQA csv (or its folder + `split`, default train -> train.csv). Both answer
-  column spellings (Answer / Anwser) are read. `images` (default `<dir>/images`, else `figures`).
+  column spellings (Answer / Anwser) are read, and both releases' answers: the option text or
+  `B: text` (v1) and the bare letter `B` of the `_2` files. `images` (default `<dir>/images`, else `figures`).
   The question lists the lettered options; the answer is the letter.
 - `pathvqa`: the parquet mirror (a file or a folder of `<split>-*.parquet`; images are written as
   PNG under out/images/) or, only with `allow_pickle=True`, the original `<split>_qa.pkl` lists.
@@ -23,7 +25,10 @@ Sources and their options (all keyword options of `formatters.base.run`):
   over the set of labels) or `question` + `answer` columns (VQA). `window` = (center, width),
   "center,width" or a preset name (see WINDOW_PRESETS; default: the file's VOI LUT / window,
   else the image's full range), `frame` (multi-frame files; default the middle frame).
-  Renders are RGB PNGs under out/images/.
+  Renders are RGB PNGs under out/images/; meta carries the file's PatientID / StudyInstanceUID
+  (`patient_id`, `study_uid`) so held-out splits keep a patient on one side.
+
+Skip rows are 1-based everywhere: the Nth item of a JSON list, the file line of a CSV.
 """
 
 from __future__ import annotations
@@ -193,9 +198,10 @@ def generate_vqa_rad(source: Path, out: Path, report: Report, *, images: str | P
     other_split = 0
     for index, row in enumerate(_read_json_list(path)):
         record_id = f"vqa_rad-{index}"
+        line = index + 1  # rows are reported 1-based, as every formatter reports them
         report.read += 1
         if not isinstance(row, dict):
-            report.skip("row is not an object", path=path, row=index, id=record_id)
+            report.skip("row is not an object", path=path, row=line, id=record_id)
             continue
         row_split = "test" if _text(row.get("phrase_type")).startswith("test") else "train"
         if split != "all" and row_split != split:
@@ -203,9 +209,9 @@ def generate_vqa_rad(source: Path, out: Path, report: Report, *, images: str | P
             continue
         problem = _required(row, ("image_name", "question", "answer"))
         if problem:
-            report.skip(problem, path=path, row=index, id=record_id)
+            report.skip(problem, path=path, row=line, id=record_id)
             continue
-        image = _usable_image(root, _text(row["image_name"]), report, path=path, row=index, record_id=record_id)
+        image = _usable_image(root, _text(row["image_name"]), report, path=path, row=line, record_id=record_id)
         if image is None:
             continue
         answer = _text(row["answer"])
@@ -220,6 +226,25 @@ VQA_RAD = Formatter("vqa-rad", generate_vqa_rad, _vqa_rad_images, "VQA-RAD radio
 
 
 # ----------------------------------------------------------------------------------------------- SLAKE
+
+
+# SLAKE's Chinese closed questions answer with an affirmative verb or its negation (是/不是, 包含/不包含,
+# 有/没有, 是/否); the pair is the choice set, as yes/no is for the English ones.
+_ZH_NEGATION = {"否": "是", "没有": "有"}
+_ZH_NEGATED = {"有": "没有"}
+
+
+def chinese_yes_no(answer: str) -> list[str] | None:
+    """[affirmative, negative] for a Chinese yes/no-style answer, None for any other (an organ name)."""
+    if answer in _ZH_NEGATION:
+        return [_ZH_NEGATION[answer], answer]
+    if answer in _ZH_NEGATED:
+        return [answer, _ZH_NEGATED[answer]]
+    if len(answer) > 1 and answer.startswith("不"):
+        return [answer[1:], answer]
+    if answer in ("是", "包含", "正常", "对", "存在"):
+        return [answer, "不" + answer]
+    return None
 
 
 def _slake_json(source: Path, split: str) -> Path:
@@ -246,9 +271,10 @@ def generate_slake(source: Path, out: Path, report: Report, *, split: str = "tra
     other_language = 0
     for index, row in enumerate(_read_json_list(path)):
         record_id = f"slake-{path.stem}-{index}"
+        line = index + 1  # rows are reported 1-based, as every formatter reports them
         report.read += 1
         if not isinstance(row, dict):
-            report.skip("row is not an object", path=path, row=index, id=record_id)
+            report.skip("row is not an object", path=path, row=line, id=record_id)
             continue
         row_lang = _text(row.get("q_lang")).lower()
         if lang != "all" and row_lang != lang:
@@ -256,14 +282,16 @@ def generate_slake(source: Path, out: Path, report: Report, *, split: str = "tra
             continue
         problem = _required(row, ("img_name", "question", "answer"))
         if problem:
-            report.skip(problem, path=path, row=index, id=record_id)
+            report.skip(problem, path=path, row=line, id=record_id)
             continue
-        image = _usable_image(root, _text(row["img_name"]), report, path=path, row=index, record_id=record_id)
+        image = _usable_image(root, _text(row["img_name"]), report, path=path, row=line, record_id=record_id)
         if image is None:
             continue
         answer = _text(row["answer"])
-        yield _vqa_record(record_id, image, _text(row["question"]), answer, source="slake",
-                          answer_type=_answer_type(row.get("answer_type"), answer), split=path.stem,
+        kind = _answer_type(row.get("answer_type"), answer)
+        yield _vqa_record(record_id, image, _text(row["question"]), answer, source="slake", answer_type=kind,
+                          choices=chinese_yes_no(answer) if kind == "closed" and row_lang == "zh" else None,
+                          split=path.stem,
                           lang=row_lang, qid=row.get("qid"), modality=_text(row.get("modality")),
                           location=_text(row.get("location")), content_type=_text(row.get("content_type")))
     report.stats["other_language_rows"] = report.stats.get("other_language_rows", 0) + other_language
@@ -293,7 +321,11 @@ def _option_text(letter: str, cell: str) -> str:
 
 
 def _label_from_answer(answer: str, options: dict[str, str]) -> str | None:
-    """The option letter an answer cell names: its own 'B:' prefix, else the one option with the same text."""
+    """The option letter an answer cell names: a bare letter (the `_2` csv files write `B`), its own 'B:'
+    prefix, else the one option with the same text."""
+    bare = answer.strip().upper()
+    if bare in options:
+        return bare
     match = _LETTER_PREFIX.match(answer)
     if match and match.group(1) in options:
         return match.group(1)
@@ -437,7 +469,7 @@ def generate_pathvqa(source: Path, out: Path, report: Report, *, split: str | No
         image_dir.mkdir(parents=True, exist_ok=True)
     index = 0
     for path in files:
-        for row_no, row in enumerate(_parquet_rows(path) if kind == "parquet" else _pickle_rows(path)):
+        for row_no, row in enumerate(_parquet_rows(path) if kind == "parquet" else _pickle_rows(path), start=1):
             record_id = f"pathvqa-{split}-{index}"
             index += 1
             report.read += 1
@@ -612,6 +644,7 @@ def generate_dicom(source: Path, out: Path, report: Report, *, labels: str | Pat
     is_vqa = {"question", "answer"} <= set(header)
     classes = sorted({_text(r.get("label")) for r in rows if _text(r.get("label"))}) if not is_vqa else []
     rendered: dict[str, tuple[str | None, str, str]] = {}  # file -> (png or None, skip reason, modality)
+    owners: dict[str, dict[str, str]] = {}  # file -> patient_id / study_uid, for held-out splits by patient
     for line, row in enumerate(rows, start=2):
         record_id = f"dicom-{line}"
         report.read += 1
@@ -622,6 +655,7 @@ def generate_dicom(source: Path, out: Path, report: Report, *, labels: str | Pat
         rel = _text(row["file"])
         if rel not in rendered:
             rendered[rel] = _render_to_png(root, rel, out, window, frame)
+            owners[rel] = _patient_and_study(root / rel) if rendered[rel][0] is not None else {}
         image, reason, modality = rendered[rel]
         if image is None:
             report.skip(reason, path=label_file, row=line, id=record_id)
@@ -629,13 +663,21 @@ def generate_dicom(source: Path, out: Path, report: Report, *, labels: str | Pat
         if is_vqa:
             answer = _text(row["answer"])
             yield _vqa_record(record_id, image, _text(row["question"]), answer, source="dicom",
-                              answer_type=_answer_type(None, answer), file=rel, modality=modality)
+                              answer_type=_answer_type(None, answer), file=rel, modality=modality, **owners[rel])
         else:
             question = (f"What does this {modality or 'medical'} image show? Choose one of: {', '.join(classes)}.\n"
                         "Answer with the label only.")
             yield _vqa_record(record_id, image, question, _text(row["label"]), source="dicom",
                               answer_type="closed", task="classification", choices=classes, file=rel,
-                              modality=modality)
+                              modality=modality, **owners[rel])
+
+
+def _patient_and_study(path: Path) -> dict[str, str]:
+    """The file's PatientID and StudyInstanceUID (either may be absent), read from the header only."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+    found = {"patient_id": str(ds.get("PatientID", "") or "").strip(),
+             "study_uid": str(ds.get("StudyInstanceUID", "") or "").strip()}
+    return {key: value for key, value in found.items() if value}
 
 
 def _render_to_png(root: Path, rel: str, out: Path, window: tuple[float, float] | None,

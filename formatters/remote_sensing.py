@@ -93,12 +93,12 @@ def _generate(source: Path, out: Path, report: Report, **options: Any) -> Iterat
     name = opts.source_name or {"LR": "rsvqa_lr", "USGS": "rsvqa_hr"}.get(prefix, f"rsvqa_{prefix.lower()}")
     checker = ImageChecker(source, report)
     for row, question in enumerate(questions, start=1):
+        if isinstance(question, dict) and question.get("active") is False:  # the release's removed-entry stubs
+            _count(report, "inactive_questions")
+            continue
         if not isinstance(question, dict) or not {"id", "img_id", "question", "answers_ids"} <= question.keys():
             report.read += 1
             report.skip("question lacks id, img_id, question or answers_ids", path=questions_path, row=row)
-            continue
-        if not question.get("active", True):
-            _count(report, "inactive_questions")
             continue
         if opts.types is not None and question.get("type") not in opts.types:
             _count(report, "other_types")

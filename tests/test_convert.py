@@ -476,3 +476,78 @@ def test_sharded_output_with_index(tmp_path, converted, monkeypatch):
     assert native_state(dst).keys() == native_state(converted["internlm2"]["dst"]).keys()
     _, loading = InternVLForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
     assert not loading["missing_keys"] and not loading["unexpected_keys"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_missing_shard_without_index_is_named(tmp_path, fmt):
+    """Before, the untied Phi-3 head sat in the lost shard and the message said "no LM head"."""
+    write_original_checkpoint(tmp_path / "src", "phi3", fmt=fmt, shards=2)
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    (tmp_path / "src" / f"{stem}.{fmt}.index.json").unlink()
+    (tmp_path / "src" / f"{stem}-00002-of-00002.{fmt}").unlink()
+    message = _error(tmp_path / "src", tmp_path / "dst")
+    assert f"{stem}-00002-of-00002.{fmt}" in message and "LM head" not in message
+
+
+def _torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # the CPU machines here have only a CUDA wheel, or none
+        return False
+    return True
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_converted_folder_is_laid_out_like_the_hf_releases(backbone, converted):
+    """Before, a converted folder had no processor files and its chat template wrote `<image>\\n`."""
+    from transformers import AutoImageProcessor, InternVLConfig
+
+    from adapt.data.templates import IMG_CONTEXT, IMG_END, IMG_START, Encoder
+    from adapt.data.tiling import count_tiles
+
+    dst = converted[backbone]["dst"]
+    for name in ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                 "chat_template.jinja"):
+        assert (dst / name).is_file(), name
+    config = InternVLConfig.from_pretrained(dst)
+    assert json.loads((dst / "processor_config.json").read_text()) == {
+        "processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length}
+    image_config = json.loads((dst / "preprocessor_config.json").read_text())
+    assert (image_config["crop_to_patches"], image_config["max_patches"]) == (True, 12)  # the source's max_dynamic_patch
+    processor = AutoImageProcessor.from_pretrained(dst)  # the PIL GotOcr2 processor here (no torchvision)
+    from PIL import Image
+
+    image = Image.new("RGB", (896, 448), (90, 120, 30))
+    patches = count_tiles(896, 448, max_tiles=12)
+    assert processor(images=image, return_tensors="pt")["num_patches"].tolist() == [patches]
+
+    tok = AutoTokenizer.from_pretrained(dst)
+    assert (tok.start_image_token, tok.end_image_token, tok.context_image_token) == (IMG_START, IMG_END, IMG_CONTEXT)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.count(IMG_CONTEXT) == 1 and "<image>" not in text
+    # InternVLProcessor expands each <IMG_CONTEXT> into <img> + context x image_seq_length x patches + </img>
+    expanded = text.replace(IMG_CONTEXT, IMG_START + IMG_CONTEXT * config.image_seq_length * patches + IMG_END)
+    record = {"id": "p", "image": "a.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in this image?"}, {"from": "gpt", "value": "Two cars."}]}
+    template = json.loads((converted[backbone]["src"] / "config.json").read_text())["template"]
+    expected = Encoder(tok, template, config.image_seq_length).encode(record, [patches], generation=True).input_ids
+    assert tok(expanded, add_special_tokens=False)["input_ids"] == expected
+
+
+@pytest.mark.skipif(not _torchvision_imports(), reason="InternVLProcessor needs torchvision (its video processor)")
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_converted_folder_runs_with_auto_processor(backbone, converted):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    dst = converted[backbone]["dst"]
+    processor = AutoProcessor.from_pretrained(dst)
+    model = AutoModelForImageTextToText.from_pretrained(dst).eval()
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (896, 448))},
+                                             {"type": "text", "text": "What is in this image?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert inputs["pixel_values"].shape[0] == 3  # 2 tiles + thumbnail
+    output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 2

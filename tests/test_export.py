@@ -174,6 +174,29 @@ def test_processor_files_reproduce_training_tiles(exported):
         torch.testing.assert_close(got["pixel_values"], ours, atol=1e-5, rtol=0)
 
 
+def _torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # the CPU machines here have only a CUDA wheel, or none
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchvision_imports(), reason="InternVLProcessor needs torchvision (its video processor)")
+def test_exported_folder_runs_with_auto_processor(exported):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(exported)
+    model = AutoModelForImageTextToText.from_pretrained(exported).eval()
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (896, 448))},
+                                             {"type": "text", "text": "What is in this image?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert inputs["pixel_values"].shape[0] == count_tiles(896, 448, max_tiles=6)
+    output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
 def test_model_card(exported):
     readme = (exported / "README.md").read_text()
     assert "base_model: OpenGVLab/InternVL3-1B-hf" in readme and "remote sensing" in readme

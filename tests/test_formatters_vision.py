@@ -179,7 +179,7 @@ def test_medmnist_bad_labels(tmp_path):
     np.savez(tmp_path / "odd.npz", train_images=images, train_labels=np.array([[0], [7], [1]], dtype=np.uint8))
     report, records, _ = format_records("medmnist", tmp_path / "odd.npz", tmp_path / "out", label_names=["a", "b"])
     assert len(records) == 2 and report.skipped == 1
-    assert report.skips[0].row == 1 and "unknown label index 7" in report.skips[0].reason
+    assert report.skips[0].row == 2 and "unknown label index 7" in report.skips[0].reason  # the second sample: rows are 1-based
 
     np.savez(tmp_path / "chest.npz", train_images=images, train_labels=np.zeros((3, 14), dtype=np.uint8))
     with pytest.raises(AdaptError, match="multi-label"):

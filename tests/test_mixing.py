@@ -20,10 +20,10 @@ from adapt.data.mixing import (
     load_sources,
     load_sources_from_meta,
     mix,
-    split_holdout,
     supervised_tokens,
 )
 from adapt.data.samples import SampleBuilder
+from adapt.data.splits import split_by_group
 from adapt.data.templates import Encoder
 from adapt.errors import AdaptError, Report
 
@@ -278,28 +278,27 @@ def test_save_load_round_trip(tmp_path):
 def test_holdout_disjoint_seeded_and_leak_free():
     base = _source("drive", "domain", 50)
     source = Source(base.name, base.root, base.records + base.records[:10], "domain")  # 10 repeated rows
-    train, heldout = split_holdout(source, 12, seed=0)
-    assert len(heldout.records) == 12
+    train, heldout, account = split_by_group(source, 12, seed=0)
+    assert len(heldout.records) == 12 and account["grouping"] == {"sample": 50}
     assert not {content_key(r) for r in train.records} & {content_key(r) for r in heldout.records}
     assert len(train.records) + sum(1 + (r in base.records[:10]) for r in heldout.records) == 60
     assert heldout.kind == train.kind == "domain" and heldout.root == source.root
 
-    again = split_holdout(source, 12, seed=0)[1]
-    other = split_holdout(source, 12, seed=1)[1]
+    again = split_by_group(source, 12, seed=0)[1]
+    other = split_by_group(source, 12, seed=1)[1]
     assert [r["id"] for r in again.records] == [r["id"] for r in heldout.records]
     assert {r["id"] for r in other.records} != {r["id"] for r in heldout.records}
 
-    assert len(split_holdout(source, 0.1, seed=0)[1].records) == 5  # 10% of 50 distinct records
+    assert len(split_by_group(source, 0.1, seed=0)[1].records) == 5  # 10% of 50 distinct records
     for bad in (51, -1, 1.0, 0.0, "3"):
         with pytest.raises(AdaptError):
-            split_holdout(source, bad, seed=0)
+            split_by_group(source, bad, seed=0)
 
 
 def test_holdout_grouped_by_image():
     records = [dict(_record(f"q-{i}", 2), image=f"frame{i // 3}.jpg") for i in range(30)]  # 3 questions per frame
-    train, heldout = split_holdout(Source("qa", "/x", records, "domain"), 4, seed=0,
-                                   group_by=lambda r: r["image"])
-    assert len(heldout.records) == 12
+    train, heldout, account = split_by_group(Source("qa", "/x", records, "domain"), 12, seed=0)
+    assert len(heldout.records) == 12 and account["heldout_groups"] == {"image": 4}
     assert not {r["image"] for r in train.records} & {r["image"] for r in heldout.records}
 
 

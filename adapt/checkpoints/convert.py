@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from adapt.checkpoints.export import write_processor_configs, write_tokenizer
 from adapt.data.templates import IMAGE_SPECIAL_TOKENS, TEMPLATES, chat_template_for
 from adapt.errors import AdaptError
 from adapt.fileio import atomic_dir
@@ -38,6 +39,7 @@ from adapt.fileio import atomic_dir
 log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 4 * 1024**3
+DEFAULT_MAX_TILES = 12  # InternVL's max_dynamic_patch when an original config.json names none
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -65,6 +67,24 @@ _GENERIC_FIELDS = {"transformers_version", "architectures", "output_hidden_state
 
 # --------------------------------------------------------------------------------------------- source
 
+_NUMBERED_SHARD = re.compile(r"^(?P<stem>.+)-(?P<n>\d+)-of-(?P<total>\d+)\.(?P<ext>safetensors|bin)$")
+
+
+def _check_numbered_shards(root: Path, files: list[Path]) -> None:
+    """Shards named `model-00001-of-00004.safetensors` announce how many there are: name the missing ones
+    (without an index nothing else would notice, and the conversion would fail later on a missing tensor)."""
+    expected: set[str] = set()
+    for path in files:
+        match = _NUMBERED_SHARD.match(path.name)
+        if match:
+            width, total = len(match["n"]), int(match["total"])
+            expected |= {f"{match['stem']}-{i:0{width}d}-of-{match['total']}.{match['ext']}" for i in range(1, total + 1)}
+    missing = sorted(expected - {path.name for path in files})
+    if missing:
+        raise AdaptError(f"weight shard(s) missing: {', '.join(missing)}", path=root,
+                         hint="the download is incomplete; fetch the missing file(s) of the checkpoint")
+
+
 class _Source:
     """The tensors of an original checkpoint by key: safetensors read lazily, `.bin` shards loaded once
     with `torch.load(weights_only=True)` (no arbitrary unpickling)."""
@@ -76,6 +96,7 @@ class _Source:
         self._handles: dict[Path, Any] = {}
         self._loaded: dict[str, torch.Tensor] = {}
         safetensors = self._listed(root / "model.safetensors.index.json") or sorted(root.glob("model*.safetensors"))
+        _check_numbered_shards(root, safetensors or sorted(root.glob("pytorch_model*.bin")))
         if safetensors:
             self.kind = "safetensors"
             for path in safetensors:
@@ -688,7 +709,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, overwrite: bool = Fa
             raise AssertionError(f"written keys differ from the plan: {sorted(written ^ set(expected))[:10]}")
         native.save_pretrained(tmp)
         generation.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if template in TEMPLATES:  # laid out as the official -hf releases: the processor expands <IMG_CONTEXT>
+            write_tokenizer(tmp, tokenizer, template)
+        else:
+            tokenizer.save_pretrained(tmp)
+        max_tiles = int(config.get("max_dynamic_patch", DEFAULT_MAX_TILES)) if config.get("dynamic_image_size", True) else 1
+        write_processor_configs(tmp, native, max_tiles)
         _check_tokenizer_roundtrip(tokenizer, tmp)
     for key, why in plan.dropped.items():
         log.info("not written: %s (%s)", key, why)

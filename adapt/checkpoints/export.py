@@ -67,8 +67,8 @@ def export_model(model: Any, tokenizer: Any, template: str, out: str | Path, *, 
         exported.save_pretrained(tmp)  # transformers 5 always writes safetensors
         _patch_json(tmp / "config.json", {"template": template})
         _write_generation_config(tmp, exported, tokenizer, stop_ids)
-        _write_tokenizer(tmp, tokenizer, template)
-        _write_processor_configs(tmp, exported.config, max_tiles)
+        write_tokenizer(tmp, tokenizer, template)
+        write_processor_configs(tmp, exported.config, max_tiles)
         (tmp / "README.md").write_text(model_card(card or {}, name=out.name, template=template,
                                                   max_tiles=max_tiles, config=exported.config), encoding="utf-8")
         if verify:
@@ -198,7 +198,7 @@ def hf_chat_template(template: str, tokenizer: Any) -> str:
     return chat_template_for(tokenizer, template, image_token=IMG_CONTEXT)
 
 
-def _write_tokenizer(folder: Path, tokenizer: Any, template: str) -> None:
+def write_tokenizer(folder: Path, tokenizer: Any, template: str) -> None:
     """Save the tokenizer, then name the image tokens the way InternVLProcessor looks them up
     (`tokenizer.context_image_token` etc.); the caller's tokenizer object is not modified."""
     tokenizer.save_pretrained(folder)
@@ -219,7 +219,7 @@ def _write_tokenizer(folder: Path, tokenizer: Any, template: str) -> None:
     _write_json(config_path, config)
 
 
-def _write_processor_configs(folder: Path, config: Any, max_tiles: int) -> None:
+def write_processor_configs(folder: Path, config: Any, max_tiles: int) -> None:
     """The -hf processor files: GotOcr2 image processor with InternVL's dynamic tiling, and the
     InternVLProcessor's tokens-per-tile. Tiling and normalisation match `adapt.data.tiling`."""
     size = config.vision_config.image_size

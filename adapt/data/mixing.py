@@ -155,49 +155,13 @@ def _non_empty(records: list[Record], name: str, path: str | Path, report: Repor
     return records
 
 
-# -- held-out sets ----------------------------------------------------------------------------------
+# -- sample identity (held-out splits live in adapt.data.splits) -------------------------------------
 
 def content_key(record: Record) -> str:
     """What makes two records the same sample (meta ignored): repeats from `repeat_time` and
     duplicate rows share a key, so a held-out record never also appears in training."""
     return json.dumps({k: record.get(k) for k in ("image", "video", "conversations")}, sort_keys=True,
                       ensure_ascii=False)
-
-
-def split_holdout(source: Source, n_or_fraction: int | float, seed: int, *,
-                  group_by: Callable[[Record], str] = content_key) -> tuple[Source, Source]:
-    """(train, heldout): a seeded choice of `n` groups (a count, or a fraction in (0, 1) of the
-    distinct groups) goes to held-out, one copy per distinct record; train keeps every record of
-    the other groups with its repeats. Group by image (`group_by=lambda r: str(r.get("image"))`)
-    to keep questions about a held-out image out of training too."""
-    keys = [group_by(record) for record in source.records]
-    groups = list(dict.fromkeys(keys))
-    n = _holdout_size(n_or_fraction, len(groups), source.name)
-    chosen = {groups[i] for i in random.Random(f"adapt.holdout:{seed}:{source.name}").sample(range(len(groups)), n)}
-    train = [record for record, key in zip(source.records, keys) if key not in chosen]
-    heldout, seen = [], set()
-    for record, key in zip(source.records, keys):
-        identity = content_key(record)
-        if key in chosen and identity not in seen:
-            seen.add(identity)
-            heldout.append(record)
-    common = {"name": source.name, "root": source.root, "kind": source.kind, "weight": source.weight,
-              "max_tiles": source.max_tiles}
-    return Source(records=train, **common), Source(records=heldout, **common)
-
-
-def _holdout_size(n_or_fraction: int | float, available: int, name: str) -> int:
-    value = n_or_fraction
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AdaptError(f"held-out size {value!r} for {name!r} must be a count or a fraction in (0, 1)")
-    if isinstance(value, float):
-        if not 0 < value < 1:
-            raise AdaptError(f"held-out fraction {value} for {name!r} must be in (0, 1)",
-                             hint="pass an integer for a count of samples")
-        return round(value * available)
-    if not 0 <= value <= available:
-        raise AdaptError(f"held-out size {value} for {name!r} must be between 0 and its {available} distinct records")
-    return value
 
 
 # -- mixing -----------------------------------------------------------------------------------------
@@ -246,6 +210,7 @@ class Mixture:
     upsample: bool = False
     total: int | None = None
     notes: list[str] = field(default_factory=list)
+    holdout: dict[str, Any] = field(default_factory=dict)  # per source: how held-out records were grouped
 
     def _count(self, kind: str, attr: str) -> int | None:
         values = [getattr(u, attr) for u in self.sources.values() if u.kind == kind and u.samples]
@@ -277,7 +242,7 @@ class Mixture:
                         "general": self._count("general", "samples") or 0, "total": len(self.entries)},
             "achieved_ratio": {"samples": self.achieved_ratio, "tokens": self.achieved_token_ratio},
             "sources": {name: asdict(usage) for name, usage in self.sources.items()},
-            "notes": list(self.notes),
+            "notes": list(self.notes), "holdout": self.holdout,
         }
 
     def _fill_from_plan(self, plan: Plan) -> None:
@@ -349,6 +314,7 @@ class Mixture:
             sources = {name: SourceUsage(**usage) for name, usage in manifest["sources"].items()}
             settings = {key: manifest[key] for key in ("requested_ratio", "mix_by", "seed", "upsample", "total",
                                                        "notes")}
+            settings["holdout"] = manifest.get("holdout", {})
         except (KeyError, TypeError, AttributeError) as err:
             raise AdaptError(f"mixture manifest is malformed ({err})", path=manifest_path,
                              hint="re-run the mixing step") from None

@@ -180,6 +180,7 @@ class DatasetSpec:
     repeat_time: float = 1.0
     max_dynamic_patch: int | None = None
     data_augment: bool = False
+    resolved_from: str = "absolute"  # how relative paths were read: "working directory" or "meta file folder"
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"root": self.root, "annotation": self.annotation,
@@ -192,7 +193,9 @@ class DatasetSpec:
 def read_meta(path: str | Path) -> list[DatasetSpec]:
     """Read an InternVL meta file `{name: {root, annotation, repeat_time, max_dynamic_patch?}}`.
 
-    Relative roots and annotations are taken relative to the meta file's folder.
+    Relative `root` and `annotation` are read as InternVL's training script reads them, relative to the
+    working directory, when the annotation exists there; otherwise relative to the meta file's folder.
+    Each spec says which in `resolved_from`.
     """
     path = Path(path)
     try:
@@ -210,12 +213,28 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         repeat = float(entry.get("repeat_time", 1))
         if repeat <= 0:
             raise AdaptError(f"entry {name!r} has repeat_time {repeat}; it must be > 0", path=path)
-        base = path.parent
+        base, resolved_from = _meta_base(path, name, str(entry["annotation"]), str(entry.get("root", ".")))
         specs.append(DatasetSpec(
             name=name, root=str(base / entry.get("root", ".")), annotation=str(base / entry["annotation"]),
             repeat_time=repeat, max_dynamic_patch=entry.get("max_dynamic_patch"),
-            data_augment=bool(entry.get("data_augment", False))))
+            data_augment=bool(entry.get("data_augment", False)), resolved_from=resolved_from))
     return specs
+
+
+def _meta_base(meta: Path, name: str, annotation: str, root: str) -> tuple[Path, str]:
+    """The folder relative paths of one meta entry start from: the working directory (InternVL's
+    convention, its shell/data/*.json files name paths from the repository's internvl_chat folder)
+    when the annotation is found there, else the meta file's folder."""
+    if Path(annotation).is_absolute():  # only the root is relative: beside the meta file, as before
+        return meta.parent, "absolute" if Path(root).is_absolute() else "meta file folder"
+    if Path(annotation).exists():
+        return Path.cwd(), "working directory"
+    if (meta.parent / annotation).exists():
+        return meta.parent, "meta file folder"
+    raise AdaptError(f"annotation {annotation!r} of entry {name!r} is found neither in the working directory "
+                     f"({Path.cwd()}) nor beside the meta file", path=meta,
+                     hint="InternVL reads meta paths relative to the directory it runs in; run from there "
+                          "or give absolute paths")
 
 
 def write_meta(path: str | Path, specs: Iterable[DatasetSpec]) -> None:

@@ -26,6 +26,7 @@ from adapt.data.records import Record
 from adapt.data.samples import SampleBuilder, SampleDropped
 from adapt.data.tiling import normalize
 from adapt.evaluation import metrics
+from adapt.evaluation.drivelm import Judge, score_driving
 from adapt.fileio import atomic_write_text
 from adapt.training.trainer import supervised_loss
 
@@ -104,8 +105,10 @@ def answer_loss(loaded: Loaded, builder: SampleBuilder, entries: Sequence[tuple[
     return total / count if count else None
 
 
-def score_task(task: str, records: Sequence[Record], predictions: Sequence[str | None]) -> dict[str, Any]:
-    """Metrics for one task kind; unanswered predictions (None) count as wrong."""
+def score_task(task: str, records: Sequence[Record], predictions: Sequence[str | None],
+               judge: Judge | None = None) -> dict[str, Any]:
+    """Metrics for one task kind; unanswered predictions (None) count as wrong. `judge` (off by default)
+    adds DriveLM's GPT score from a local chat model."""
     preds = [p or "" for p in predictions]
     refs = [reference_answer(r) for r in records]
     metas = [r.get("meta", {}) for r in records]
@@ -131,13 +134,7 @@ def score_task(task: str, records: Sequence[Record], predictions: Sequence[str |
         return metrics.vqa_scores(preds, [m.get("answer", ref) for m, ref in zip(metas, refs)],
                                   [m.get("answer_type") for m in metas])
     if task == "driving":
-        scores: dict[str, Any] = {"accuracy": metrics.drivelm_accuracy(preds, refs)["accuracy"],
-                                  "exact_match": _mean_bool(metrics.answer_match(p, r) for p, r in zip(preds, refs))}
-        scores.update(metrics.language_scores(preds, refs))
-        if any(metrics.point_match(r, r)[1] for r in refs):
-            scores["match"] = metrics.match_score(preds, refs)["match"]
-        scores["count"] = len(refs)
-        return scores
+        return score_driving(records, preds, refs, judge)
     scores = metrics.language_scores(preds, refs) if task == "caption" else {}
     scores["exact_match"] = _mean_bool(metrics.answer_match(p, r) for p, r in zip(preds, refs))
     scores["token_f1"] = sum(metrics.token_f1(p, r) for p, r in zip(preds, refs)) / max(len(refs), 1)
@@ -152,7 +149,7 @@ def _mean_bool(values) -> float | None:
 
 def evaluate(loaded: Loaded, builder: SampleBuilder, sets: dict[str, Sequence[tuple[Record, str]]], *,
              batch_size: int = 4, max_new_tokens: int = 64, with_loss: bool = True,
-             progress: tqdm | None = None) -> dict[str, Any]:
+             progress: tqdm | None = None, judge: Judge | None = None) -> dict[str, Any]:
     """Score each named set ("domain", "general", ...) per task kind; returns a JSON-able dict.
     `progress` is the evaluation phase's one display (it counts each entry answered and each scored)."""
     report: dict[str, Any] = {}
@@ -164,7 +161,7 @@ def evaluate(loaded: Loaded, builder: SampleBuilder, sets: dict[str, Sequence[tu
         by_task: dict[str, list[int]] = defaultdict(list)
         for i, (record, _) in enumerate(entries):
             by_task[record.get("meta", {}).get("task", "text")].append(i)
-        tasks = {task: score_task(task, [entries[i][0] for i in idx], [predictions[i] for i in idx])
+        tasks = {task: score_task(task, [entries[i][0] for i in idx], [predictions[i] for i in idx], judge)
                  for task, idx in sorted(by_task.items())}
         section: dict[str, Any] = {"tasks": tasks, "count": len(entries),
                                    "score": _headline(tasks, {t: len(i) for t, i in by_task.items()})}

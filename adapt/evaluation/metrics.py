@@ -1,7 +1,8 @@
 """Evaluation metrics: pure functions from predictions and references to a dict of scores plus counts.
 
 Every score here follows a published definition so numbers can be compared with papers:
-exact match uses SQuAD/VQA answer normalisation; BLEU, ROUGE-L and CIDEr-D follow coco-caption
+exact match uses the official VQA evaluation's answer normalisation (`vqaEval.py`: processPunctuation,
+processDigitArticle, its contractions and number map); token F1 / recall use SQuAD's normalisation; BLEU, ROUGE-L and CIDEr-D follow coco-caption
 (`bleu_scorer.py`, `rouge.py`, `cider_scorer.py`, as DriveLM's `language_evaluation` runs them);
 the DriveLM accuracy, match and final scores follow DriveLM's `challenge/evaluation.py`.
 A score that is undefined for the input (no samples, no closed questions) is None, never a made-up 0,
@@ -45,11 +46,70 @@ def normalize_answer(text: str) -> str:
     return " ".join(_NUMBER_WORDS.get(word, word) for word in text.split())
 
 
+# The official VQA evaluation (GT-Vision-Lab VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py).
+# Keys are kept exactly as published, including the capitalised ones that can never match lowercased text.
+VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
+    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll",
+    "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
+    "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
+    "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
+    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've"}
+VQA_MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_ARTICLES = {"a", "an", "the"}
+_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+              "?", "!"]
+# The published pattern is "(?!<=\d)(\.)(?!\d)": a typo for a lookbehind, so it strips every period
+# not followed by a digit; it is kept as published. Its `re.UNICODE` lands in sub()'s count slot (32).
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_COMMA_NUMBER = re.compile(r"(\d)(\,)(\d)")
+
+
+def vqa_normalize(text: str) -> str:
+    """The official VQA evaluation's answer normalisation: newlines/tabs to spaces, processPunctuation,
+    then processDigitArticle (lowercase, number words and "none" to digits, articles dropped, contractions).
+
+    So "x-ray" becomes "x ray" (not "xray") and "none" becomes "0", exactly as in the VQA challenge.
+    """
+    text = str(text).replace("\n", " ").replace("\t", " ").strip()
+    spaced_or_numeric = _VQA_COMMA_NUMBER.search(text) is not None
+    out = text
+    for mark in _VQA_PUNCT:
+        joined = spaced_or_numeric or (mark + " " in text or " " + mark in text)
+        out = out.replace(mark, "" if joined else " ")
+    out = _VQA_PERIOD.sub("", out, 32)
+    words = [VQA_MANUAL_MAP.get(word, word) for word in out.lower().split()]
+    return " ".join(VQA_CONTRACTIONS.get(word, word) for word in words if word not in _VQA_ARTICLES)
+
+
 def answer_match(prediction: str, answer: str | Sequence[str]) -> bool:
-    """Exact match after normalisation; `answer` may list several accepted answers."""
+    """Exact match after the official VQA normalisation; `answer` may list several accepted answers."""
     accepted = [answer] if isinstance(answer, str) else list(answer)
-    normalized = normalize_answer(prediction)
-    return any(normalized == normalize_answer(a) for a in accepted)
+    normalized = vqa_normalize(prediction)
+    return any(normalized == vqa_normalize(a) for a in accepted)
 
 
 def token_f1(prediction: str, answer: str) -> float:
@@ -535,3 +595,65 @@ def drivelm_final(accuracy: float | Scores, language: float | Scores, match: flo
     final = None if gpt is None else 0.4 * gpt / 100 + 0.2 * lang + 0.2 * match_value / 100 + 0.2 * acc
     return {"final": final, "gpt": gpt, "final_without_gpt": without_gpt, "accuracy": acc, "language": lang,
             "match": match_value, "match_includes_gpt": match_gpt is not None}
+
+
+# DriveLM challenge tags (challenge/extract_data.py writes them, challenge/evaluation.py routes by them).
+DRIVELM_ACCURACY_TAG, DRIVELM_GPT_TAG, DRIVELM_LANGUAGE_TAG, DRIVELM_MATCH_TAG = 0, 1, 2, 3
+
+
+def drivelm_graph_keep(questions: Sequence[str], predictions: Sequence[str], references: Sequence[str],
+                       distance: float = 16.0) -> list[bool]:
+    """Which questions of ONE key frame (in the challenge's order: perception, prediction, planning,
+    behavior) the official script scores: always the first; a later one only when every point its
+    question names is a ground-truth point matched by the first prediction (`set_graph` / `eval_graph`).
+    Points are camera-pixel decimals, compared exactly as the official lists of floats are."""
+    if not questions:
+        return []
+    graph: list[tuple[float, float]] = []
+    remaining = _decimal_points(references[0])
+    for x, y in _decimal_points(predictions[0]):
+        if not remaining:
+            break
+        nearest = min(range(len(remaining)), key=lambda i: abs(x - remaining[i][0]) + abs(y - remaining[i][1]))
+        if abs(x - remaining[nearest][0]) + abs(y - remaining[nearest][1]) < distance:
+            graph.append(remaining.pop(nearest))
+    return [True] + [all(point in graph for point in _decimal_points(q)) for q in questions[1:]]
+
+
+def drivelm_scores(predictions: Sequence[str], references: Sequence[str], tags: Sequence[Sequence[int]],
+                   gpt_scores: Sequence[float | None] | None = None, judge: str | None = None) -> Scores:
+    """DriveLM challenge scores with the official routing by tag: accuracy (string equality) over tag-0
+    questions, GPT score over tag 1, language metrics over tag 2, match over tag 3 (point F1 x 100, and
+    officially averaged with the GPT score of the same questions).
+
+    Texts must carry camera-pixel tags (restore formatted 0..1000 tags first). `gpt_scores` holds the
+    judge's 0..100 rating per question (None where it gave none: left out of the GPT means); without
+    ratings the GPT parts are None,
+    `final` is None and `final_without_gpt` renormalises the other weights. `judge` names who rated.
+    """
+    count = _check_lengths("drivelm_scores", predictions, references, tags)
+    ratings = list(gpt_scores) if gpt_scores is not None else [None] * count
+    _check_lengths("drivelm_scores gpt_scores", predictions, ratings)
+
+    def where(tag: int) -> list[int]:
+        return [i for i, t in enumerate(tags) if tag in t]
+
+    def rated(indices: list[int]) -> float | None:
+        return _mean([ratings[i] for i in indices if ratings[i] is not None])  # type: ignore[misc]
+
+    acc_idx, gpt_idx, lang_idx, match_idx = (where(t) for t in range(4))
+    accuracy = drivelm_accuracy([predictions[i] for i in acc_idx], [references[i] for i in acc_idx])
+    language = language_scores([predictions[i] for i in lang_idx], [references[i] for i in lang_idx])
+    points = match_score([predictions[i] for i in match_idx], [references[i] for i in match_idx])
+    chatgpt, match_gpt = rated(gpt_idx), rated(match_idx)
+    match = points["match"] if points["match"] is None or match_gpt is None else (points["match"] + match_gpt) / 2
+    parts = {"accuracy": accuracy["accuracy"], "language": language["language"], "match": match}
+    final = without_gpt = None
+    if all(v is not None for v in parts.values()):
+        rest = 0.2 * parts["language"] + 0.2 * parts["match"] / 100 + 0.2 * parts["accuracy"]
+        without_gpt = rest / 0.6
+        final = None if chatgpt is None or match_gpt is None else 0.4 * chatgpt / 100 + rest
+    return {**parts, "chatgpt": chatgpt, "match_f1": points["match"], "match_gpt": match_gpt,
+            "final": final, "final_without_gpt": without_gpt, "judge": judge if chatgpt is not None else None,
+            "language_scores": language, "count": count, "accuracy_count": len(acc_idx), "gpt_count": len(gpt_idx),
+            "language_count": len(lang_idx), "match_count": len(match_idx)}
