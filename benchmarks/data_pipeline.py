@@ -24,7 +24,7 @@ from PIL import Image
 
 from adapt.checkpoints.models import tiny_tokenizer
 from adapt.data.samples import SampleBuilder
-from adapt.data.templates import Encoder
+from adapt.data.templates import SYSTEM_MESSAGES, Encoder
 from adapt.data.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingPolicy
 
 QUESTION = ("The image shows six camera views stitched in two rows: top row CAM_FRONT_LEFT, CAM_FRONT, "
@@ -60,7 +60,8 @@ def reference_sample(path: Path, tokenizer, mean: torch.Tensor, std: torch.Tenso
     pixel_values = torch.stack([
         (torch.from_numpy(np.array(t, dtype=np.uint8)).permute(2, 0, 1).float().div(255) - mean) / std for t in tiles
     ])
-    prompt = ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * (256 * len(tiles)) + "</img>\n" + QUESTION
+    prompt = (f"<|im_start|>system\n{SYSTEM_MESSAGES['internvl2_5']}<|im_end|>\n"  # the official default
+              + "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * (256 * len(tiles)) + "</img>\n" + QUESTION
               + "<|im_end|>\n<|im_start|>assistant\n")
     ids = tokenizer(prompt + ANSWER + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
