@@ -89,6 +89,8 @@ def cmd_format(args: argparse.Namespace) -> int:
     print(report.summary())
     for skip in report.skips[:20]:
         print(f"  skipped {skip}")
+    for warning in report.warnings:
+        print(f"adapt: warning: {warning}", file=sys.stderr)
     print(f"wrote {Path(args.output) / 'records.jsonl'} and {Path(args.output) / 'meta.json'}")
     return 0
 

@@ -54,6 +54,7 @@ class Report:
     written: int = 0
     skips: list[Skip] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def skip(self, reason: str, *, path: str | Path | None = None, row: int | None = None,
              id: str | None = None) -> None:
@@ -62,6 +63,11 @@ class Report:
             raise AdaptError(f"{reason}" + (f" (id {id})" if id else ""), path=path, row=row,
                              hint="fix the row, or run without --strict to skip and count such rows")
         self.skips.append(Skip(reason, str(path) if path is not None else None, row, id))
+
+    def warn(self, message: str) -> None:
+        """Something the user must hear although nothing failed (an empty input, a converted image)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     @property
     def skipped(self) -> int:
@@ -75,7 +81,7 @@ class Report:
         return {
             "name": self.name, "read": self.read, "written": self.written, "skipped": self.skipped,
             "skip_reasons": dict(self.reasons()), "skips": [str(s) for s in self.skips[:1000]],
-            "stats": self.stats,
+            "stats": self.stats, "warnings": self.warnings,
         }
 
     def summary(self) -> str:

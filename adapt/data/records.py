@@ -60,7 +60,8 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
 
     Checks: shape, roles (optional leading system turn, then human/gpt alternating, starting with
     human and ending with gpt), no empty answer, `<image>` count == image count, `<video>` at most
-    once and only with a video, paths inside `root` (and existing when `check_files`).
+    once and only with a video, markup (`adapt.data.text`), paths inside `root` (and existing when
+    `check_files`).
     """
     if not isinstance(record, dict):
         return ["row is not a JSON object"]
@@ -105,6 +106,9 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
         expected = len(images)
         if n_image != expected and not (expected == 1 and n_image == 0):
             out.append(f"{n_image} {IMAGE_PLACEHOLDER} placeholder(s) for {expected} image(s)")
+    from adapt.data.text import record_problems  # the markup rule (imports templates, which import us)
+
+    out += record_problems(record)
     if root is not None:
         video = [record["video"]] if record.get("video") else []
         for rel in images + video:
