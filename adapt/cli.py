@@ -7,8 +7,9 @@
     adapt convert SRC DST
     adapt sweep --domain driving --ratios 0 0.25 0.5
 
-User errors print one clear message (file, row, what to do) and exit with code 2; a traceback
-means a bug in adapt.
+User errors print one clear message (file, row, what to do) and exit with code 2; a bug in adapt
+prints a short message, saves the traceback to a file (ADAPT_CRASH_DIR, default the temp folder)
+and exits with code 3.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapt.errors import AdaptError
+from adapt.errors import AdaptError, os_error_message, save_traceback
 
 
 def _options(pairs: list[str] | None) -> dict[str, Any]:
@@ -212,9 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     except AdaptError as err:
         print(f"adapt: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine, not adapt: disk full, name too long, permission
+        print(f"adapt: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("adapt: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug in adapt: a short message and a report to file, never a bare traceback
+        saved = save_traceback(sys.argv[1:] if argv is None else list(argv))
+        print(f"adapt: internal error ({type(err).__name__}: {str(err)[:300]})\n"
+              f"  this is a bug in adapt; the traceback is saved in {saved}: please file it with the command",
+              file=sys.stderr)
+        return 3
     finally:
         _leave_process_group()
 

@@ -94,3 +94,24 @@ class Report:
         from adapt.fileio import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for a failure of the machine rather than of adapt (disk full, name too long, loop)."""
+    where = f"{err.filename}: " if err.filename else ""
+    advice = {28: " (the disk is full: free space, then run again; nothing incomplete was left in place)"}
+    return f"{where}{err.strerror or err}{advice.get(err.errno or 0, '')}"
+
+
+def save_traceback(command: list[str]) -> Path:
+    """Write the current exception's traceback where a user can attach it to a bug report."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(os.environ.get("ADAPT_CRASH_DIR") or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"adapt-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path.write_text(f"command: adapt {' '.join(command)}\n\n{traceback.format_exc()}", encoding="utf-8")
+    return path

@@ -44,11 +44,17 @@ def template_special_tokens() -> frozenset[str]:
     return frozenset(found | {"<s>", "</s>"})
 
 
-def forbidden_tokens(extra: Iterable[str] = ()) -> frozenset[str]:
+@cache
+def forbidden_tokens(extra: frozenset[str] = frozenset()) -> frozenset[str]:
     """Tokens no record text may contain: template specials, image internals, and `extra`
     (a tokenizer's own special tokens) minus the markup records legitimately carry."""
     allowed = set(PLACEHOLDERS) | {t for t in IMAGE_SPECIAL_TOKENS if t not in (IMG_START, IMG_END, IMG_CONTEXT)}
-    return frozenset(template_special_tokens() | {IMG_START, IMG_END, IMG_CONTEXT} | set(extra)) - allowed
+    return frozenset(template_special_tokens() | {IMG_START, IMG_END, IMG_CONTEXT} | extra) - allowed
+
+
+@cache
+def _pattern(tokens: frozenset[str]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))) or r"(?!)")
 
 
 def tokenizer_special_tokens(tokenizer: Any) -> frozenset[str]:
@@ -59,9 +65,10 @@ def tokenizer_special_tokens(tokenizer: Any) -> frozenset[str]:
     return frozenset(t for t in tokens if t)
 
 
-def first_forbidden(text: str, tokens: Iterable[str]) -> str | None:
+def first_forbidden(text: str, tokens: frozenset[str]) -> str | None:
     """The first forbidden token found in `text` (None when clean)."""
-    return next((token for token in sorted(tokens) if token in text), None)
+    match = _pattern(tokens).search(text)
+    return match.group(0) if match else None
 
 
 _TAG = re.compile(r"<(/?)(ref|box|quad)>")
@@ -84,7 +91,7 @@ def _grounding_problem(text: str) -> str | None:
 def record_problems(record: dict[str, Any], extra_tokens: Iterable[str] = ()) -> list[str]:
     """Markup problems of a structurally valid record (turns are dicts with string values)."""
     out: list[str] = []
-    forbidden = forbidden_tokens(extra_tokens)
+    forbidden = forbidden_tokens(frozenset(extra_tokens))
     for i, turn in enumerate(record.get("conversations") or []):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             continue  # shape problems are reported by records.problems
