@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from adapt.data import records as rec
-from adapt.data.images import decode_rgb
+from adapt.data.images import NOTES_KEY, decode_rgb, image_size
 from adapt.data.text import source_problem
 from adapt.data.tiling import count_tiles, tile_budget
 from adapt.errors import AdaptError, Report
@@ -133,16 +133,26 @@ def _tiles_of(record: rec.Record, root: Path, max_tiles: int) -> int:
     budget = tile_budget(max_tiles, len(paths))
     total = 0
     for rel in paths:
-        with Image.open(root / rel) as image:
-            total += count_tiles(*image.size, max_tiles=budget)
+        total += count_tiles(*image_size(root / rel), max_tiles=budget)
     return total
+
+
+def decoded_size(path: Path, report: Report) -> tuple[int, int]:
+    """Fully decode an image as training will (adapt.data.images) and count what was normalised."""
+    image = decode_rgb(str(path))
+    for note in image.info.get(NOTES_KEY, []):
+        counts = report.stats.setdefault("images_normalized", {})
+        kind = note.split(" range ")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+        report.warn(f"some images were normalised on decode ({kind}...): see stats.images_normalized")
+    return image.size
 
 
 def image_size_or_skip(path: Path, report: Report, *, source: str | Path | None = None, row: int | None = None,
                        id: str | None = None) -> tuple[int, int] | None:
     """Fully decode an image (truncation shows only on full decode); skip and count it when unusable."""
     try:
-        return decode_rgb(str(path)).size
+        return decoded_size(path, report)
     except FileNotFoundError:
         report.skip(f"image not found: {path}", path=source or path, row=row, id=id)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -264,9 +274,8 @@ class ImageChecker:
             return None, f"image not found: {target}"
         try:
             if self.decode:
-                return decode_rgb(str(target)).size, ""
-            with Image.open(target) as image:
-                return image.size, ""
+                return decoded_size(target, self.report), ""
+            return image_size(target), ""
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             return None, f"corrupt image: {target} ({err})"
 
