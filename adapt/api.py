@@ -534,7 +534,7 @@ def load_trained(run_dir: str | Path) -> models.Loaded:
     from adapt.training.trainer import last_complete_checkpoint
 
     run_dir, config, train_config, _ = _load_run(run_dir)
-    checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+    checkpoint = last_complete_checkpoint(run_dir / "checkpoints", set_aside=False)  # reading never renames
     if checkpoint is None:
         raise AdaptError("the run has no complete checkpoint yet", path=run_dir / "checkpoints",
                          hint="resume the run (adapt run --resume RUN_DIR) or lower --save-steps")
@@ -555,8 +555,10 @@ def from_checkpoint(checkpoint: Path, config: RunConfig, train_config: TrainConf
     return models.Loaded(model, base.tokenizer, base.template, str(checkpoint))
 
 
-def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a model (default: the run's export) on the run's held-out sets; saved under eval/."""
+def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None,
+                 out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a model (default: the run's export) on the run's held-out sets; the report is saved to
+    `out` when given. The run directory is only read: it stays byte-identical."""
     run_dir, config, train_config, eval_settings = _load_run(run_dir)
     target = Path(model) if model else run_dir / "export"
     loaded = models.load(str(target)) if target.exists() else load_trained(run_dir)
@@ -564,7 +566,8 @@ def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None) -> dic
     sets = {k: [(r, root) for r, root in v] for k, v in held.items()}
     report = evaluation.evaluate(loaded, make_builder(loaded, train_config, train=False), sets,
                                  batch_size=eval_settings["batch_size"], max_new_tokens=eval_settings["max_new_tokens"])
-    evaluation.save_report(report, run_dir / "eval" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    if out is not None:
+        evaluation.save_report(report, out)
     return report
 
 

@@ -2,7 +2,7 @@
 
     adapt run --domain driving --general-ratio 0.25      # the demo when no --data is given
     adapt format KIND --input SRC --output OUT [--opt key=value] [--strict]
-    adapt eval RUN_DIR [--model DIR]
+    adapt eval RUN_DIR [--model DIR] [--out REPORT.json]
     adapt export RUN_DIR --out DIR
     adapt convert SRC DST
     adapt sweep --domain driving --ratios 0 0.25 0.5
@@ -99,7 +99,7 @@ def cmd_format(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from adapt import api
 
-    report = api.evaluate_run(args.run_dir, model=args.model)
+    report = api.evaluate_run(args.run_dir, model=args.model, out=args.out)
     print(json.dumps({name: section.get("score") for name, section in report.items()}, indent=2))
     return 0
 
@@ -183,6 +183,7 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a run's model on its held-out sets")
     ev.add_argument("run_dir")
     ev.add_argument("--model", help="model folder to evaluate (default: the run's export)")
+    ev.add_argument("--out", help="save the full report (JSON) here; the run directory is never written")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a run's model in the HF-native layout")

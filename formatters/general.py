@@ -67,9 +67,11 @@ def _first_char(path: Path) -> str:
 
 def _plan(source: Path, opts: GeneralOptions) -> tuple[list[_Part], Path]:
     """The annotation files to read and the one root all record paths will be relative to."""
+    if source.is_dir() and (source / "meta.json").is_file():  # a folder `adapt format` wrote
+        source = source / "meta.json"
     if not source.is_file():
-        raise AdaptError("expected an InternVL meta file, a JSONL annotation file or a LLaVA JSON array",
-                         path=source)
+        raise AdaptError("expected an InternVL meta file, a JSONL annotation file, a LLaVA JSON array or a "
+                         "folder written by `adapt format` (with meta.json)", path=source)
     is_meta = source.suffix.lower() == ".json" and _first_char(source) == "{"
     if not is_meta:
         if opts.dataset is not None:

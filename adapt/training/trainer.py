@@ -537,13 +537,14 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path, bool]]:
     return sorted(found)
 
 
-def last_complete_checkpoint(folder: str | Path) -> Path | None:
-    """The newest checkpoint carrying the completion marker; half-written ones are set aside."""
+def last_complete_checkpoint(folder: str | Path, *, set_aside: bool = True) -> Path | None:
+    """The newest checkpoint carrying the completion marker; half-written ones are set aside (renamed)
+    unless `set_aside` is False, as for commands that only read a run (eval, export)."""
     complete = []
     for _, path, done in _checkpoints(Path(folder)):
         if done:
             complete.append(path)
-        elif int(os.environ.get("RANK", "0")) == 0:  # every rank reads the same answer; one moves folders
+        elif set_aside and int(os.environ.get("RANK", "0")) == 0:  # every rank reads the same answer; one moves folders
             aside = path.with_name(f".incomplete-{path.name}")
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
