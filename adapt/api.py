@@ -545,13 +545,16 @@ def from_checkpoint(checkpoint: Path, config: RunConfig, train_config: TrainConf
     """A saved trained model: a whole one, or LoRA adapters applied onto the run's base model."""
     from transformers import InternVLForConditionalGeneration
 
-    base = load_model(config, train_config)
-    if (checkpoint / "adapter_config.json").is_file():
-        from peft import PeftModel
+    from adapt.checkpoints.pickles import pickles_refused
 
-        model = PeftModel.from_pretrained(base.model, checkpoint)
-    else:
-        model = InternVLForConditionalGeneration.from_pretrained(checkpoint)
+    base = load_model(config, train_config)
+    with pickles_refused(checkpoint):
+        if (checkpoint / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base.model, checkpoint)
+        else:
+            model = InternVLForConditionalGeneration.from_pretrained(checkpoint)
     return models.Loaded(model, base.tokenizer, base.template, str(checkpoint))
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
 
+from adapt.checkpoints.pickles import pickles_refused
 from adapt.data.templates import IMG_CONTEXT, TEMPLATES
 from adapt.errors import AdaptError
 
@@ -166,7 +167,8 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
     if load_in_4bit:
         kwargs["quantization_config"] = _nf4_config(dtype)
     try:
-        model = InternVLForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
+        with pickles_refused(name_or_path if Path(name_or_path).exists() else None):
+            model = InternVLForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
         raise AdaptError(f"cannot load model weights from {name_or_path} ({str(err).splitlines()[0]})",
                          path=name_or_path, hint="pass a local model folder or a hub id available offline") from None

@@ -36,6 +36,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_atten
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from adapt.checkpoints.models import Loaded, count_parameters
+from adapt.checkpoints.pickles import pickles_refused
 from adapt.data.batching import Collator, pack_bins
 from adapt.data.records import Record, images_of
 from adapt.data.samples import SampleBuilder, SampleDropped, plan_all
@@ -655,7 +656,8 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, min(threads, cpus - resolve_workers(config.workers))))
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with pickles_refused(checkpoint):  # a tampered optimizer.pt / rng_state.pth: adapt's message, never torch's advice
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         torch.set_num_threads(threads)
         if attn != loaded_attn:  # a training choice: torch_varlen cannot decode
