@@ -6,6 +6,7 @@ a list of problems naming what is wrong; never another exception, never a silent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -129,7 +130,5 @@ small_value = st.recursive(
 def test_run_configs(top, train):
     path = WORK / "run.yaml"
     path.write_text(yaml.safe_dump({**top, **({"train": train} if train else {})}))
-    try:
+    with contextlib.suppress(AdaptError):  # refusing is fine; any other exception fails the test
         api.resolve(api.RunConfig(**api.load_config_file(path)))
-    except AdaptError:
-        pass
