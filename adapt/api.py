@@ -581,7 +581,7 @@ def load_trained(run_dir: str | Path) -> models.Loaded:
     from adapt.training.trainer import last_complete_checkpoint
 
     run_dir, config, train_config, _ = _load_run(run_dir)
-    checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+    checkpoint = last_complete_checkpoint(run_dir / "checkpoints", set_aside=False)  # reading never renames
     if checkpoint is None:
         raise AdaptError("the run has no complete checkpoint yet", path=run_dir / "checkpoints",
                          hint="resume the run (adapt run --resume RUN_DIR) or lower --save-steps")
@@ -592,19 +592,24 @@ def from_checkpoint(checkpoint: Path, config: RunConfig, train_config: TrainConf
     """A saved trained model: a whole one, or LoRA adapters applied onto the run's base model."""
     from transformers import InternVLForConditionalGeneration
 
-    base = load_model(config, train_config)
-    if (checkpoint / "adapter_config.json").is_file():
-        from peft import PeftModel
+    from adapt.checkpoints.pickles import pickles_refused
 
-        model = PeftModel.from_pretrained(base.model, checkpoint)
-    else:
-        model = InternVLForConditionalGeneration.from_pretrained(checkpoint)
+    base = load_model(config, train_config)
+    with pickles_refused(checkpoint):
+        if (checkpoint / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base.model, checkpoint)
+        else:
+            model = InternVLForConditionalGeneration.from_pretrained(checkpoint)
     return models.Loaded(model, base.tokenizer, base.template, str(checkpoint))
 
 
-def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None, judge: str | None = None) -> dict[str, Any]:
-    """Evaluate a model (default: the run's export) on the run's held-out sets; saved under eval/.
-    `judge` (a local chat model, off by default) adds DriveLM's GPT score, named in the report."""
+def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None, judge: str | None = None,
+                 out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a model (default: the run's export) on the run's held-out sets; the report is saved to
+    `out` when given. The run directory is only read: it stays byte-identical. `judge` (a local chat model,
+    off by default) adds DriveLM's GPT score, named in the report."""
     from adapt.evaluation.judge import LocalJudge
 
     run_dir, config, train_config, eval_settings = _load_run(run_dir)
@@ -615,7 +620,8 @@ def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None, judge:
     report = evaluation.evaluate(loaded, make_builder(loaded, train_config, train=False), sets,
                                  batch_size=eval_settings["batch_size"], max_new_tokens=eval_settings["max_new_tokens"],
                                  judge=LocalJudge.load(judge) if judge else None)
-    evaluation.save_report(report, run_dir / "eval" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    if out is not None:
+        evaluation.save_report(report, out)
     return report
 
 

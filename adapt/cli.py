@@ -3,15 +3,16 @@
     adapt run --domain driving --general-ratio 0.25      # the demo when no --data is given
     adapt format KIND --input SRC --output OUT [--opt key=value] [--strict]
     adapt filter INPUT... --output OUT [--eval SET] [--heldout SET] [--set key=value] [--config YAML]
-    adapt eval RUN_DIR [--model DIR]
+    adapt eval RUN_DIR [--model DIR] [--judge MODEL] [--out REPORT.json]
     adapt export RUN_DIR --out DIR
     adapt convert SRC DST
     adapt sweep --domain driving --ratios 0 0.25 0.5
     adapt dpo --model DIR (--pairs PAIRS.jsonl | --from-records DATA) --out DIR [--opt loss=mpo]
     adapt grpo --model DIR --data DATA --out DIR [--opt key=value]
 
-User errors print one clear message (file, row, what to do) and exit with code 2; a traceback
-means a bug in adapt.
+User errors print one clear message (file, row, what to do) and exit with code 2; a bug in adapt
+prints a short message, saves the traceback to a file (ADAPT_CRASH_DIR, default the temp folder)
+and exits with code 3.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapt.errors import AdaptError
+from adapt.errors import AdaptError, os_error_message, save_traceback
 
 
 def _options(pairs: list[str] | None) -> dict[str, Any]:
@@ -92,6 +93,8 @@ def cmd_format(args: argparse.Namespace) -> int:
     print(report.summary())
     for skip in report.skips[:20]:
         print(f"  skipped {skip}")
+    for warning in report.warnings:
+        print(f"adapt: warning: {warning}", file=sys.stderr)
     print(f"wrote {Path(args.output) / 'records.jsonl'} and {Path(args.output) / 'meta.json'}")
     return 0
 
@@ -121,7 +124,7 @@ def _setting(text: str) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from adapt import api
 
-    report = api.evaluate_run(args.run_dir, model=args.model, judge=args.judge)
+    report = api.evaluate_run(args.run_dir, model=args.model, judge=args.judge, out=args.out)
     print(json.dumps({name: section.get("score") for name, section in report.items()}, indent=2))
     return 0
 
@@ -263,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model folder to evaluate (default: the run's export)")
     ev.add_argument("--judge", help="local chat model that rates DriveLM answers with the official GPT-score "
                                     "prompt (off by default; the report names it)")
+    ev.add_argument("--out", help="save the full report (JSON) here; the run directory is never written")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a run's model in the HF-native layout")
@@ -295,9 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     except AdaptError as err:
         print(f"adapt: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine, not adapt: disk full, name too long, permission
+        print(f"adapt: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("adapt: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug in adapt: a short message and a report to file, never a bare traceback
+        saved = save_traceback(sys.argv[1:] if argv is None else list(argv))
+        print(f"adapt: internal error ({type(err).__name__}: {str(err)[:300]})\n"
+              f"  this is a bug in adapt; the traceback is saved in {saved}: please file it with the command",
+              file=sys.stderr)
+        return 3
     finally:
         _leave_process_group()
 

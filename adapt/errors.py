@@ -54,6 +54,7 @@ class Report:
     written: int = 0
     skips: list[Skip] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def skip(self, reason: str, *, path: str | Path | None = None, row: int | None = None,
              id: str | None = None) -> None:
@@ -62,6 +63,11 @@ class Report:
             raise AdaptError(f"{reason}" + (f" (id {id})" if id else ""), path=path, row=row,
                              hint="fix the row, or run without --strict to skip and count such rows")
         self.skips.append(Skip(reason, str(path) if path is not None else None, row, id))
+
+    def warn(self, message: str) -> None:
+        """Something the user must hear although nothing failed (an empty input, a converted image)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     @property
     def skipped(self) -> int:
@@ -75,7 +81,7 @@ class Report:
         return {
             "name": self.name, "read": self.read, "written": self.written, "skipped": self.skipped,
             "skip_reasons": dict(self.reasons()), "skips": [str(s) for s in self.skips[:1000]],
-            "stats": self.stats,
+            "stats": self.stats, "warnings": self.warnings,
         }
 
     def summary(self) -> str:
@@ -88,3 +94,24 @@ class Report:
         from adapt.fileio import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for a failure of the machine rather than of adapt (disk full, name too long, loop)."""
+    where = f"{err.filename}: " if err.filename else ""
+    advice = {28: " (the disk is full: free space, then run again; nothing incomplete was left in place)"}
+    return f"{where}{err.strerror or err}{advice.get(err.errno or 0, '')}"
+
+
+def save_traceback(command: list[str]) -> Path:
+    """Write the current exception's traceback where a user can attach it to a bug report."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(os.environ.get("ADAPT_CRASH_DIR") or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"adapt-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path.write_text(f"command: adapt {' '.join(command)}\n\n{traceback.format_exc()}", encoding="utf-8")
+    return path

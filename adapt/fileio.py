@@ -9,7 +9,9 @@ dataset row cannot make us read `../../etc/passwd` or follow a symlink out of th
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,13 +19,53 @@ from pathlib import Path
 
 from adapt.errors import AdaptError
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def _partial_prefix(path: Path) -> str:
+    """`.NAME.adapt-PID-`: hidden, and naming the process that owns it, so a later run can tell a
+    partial left by a killed run (owner gone) from one a live run is still writing."""
+    return f".{path.name}.adapt-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(path: str | Path) -> list[Path]:
+    """Delete the hidden partial files/folders that killed adapt runs left beside `path`.
+
+    Only names adapt itself creates (`.NAME.adapt-PID-*.partial`) whose process is gone are removed;
+    anything else in the folder is never touched. Returns what was removed.
+    """
+    path = Path(path)
+    removed = []
+    pattern = re.compile(re.escape(f".{path.name}.adapt-") + r"(\d+)-[^/]*" + re.escape(PARTIAL_SUFFIX))
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.adapt-*{PARTIAL_SUFFIX}") if path.parent.is_dir() else ():
+        match = pattern.fullmatch(candidate.name)
+        if not match or _alive(int(match.group(1))):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
     """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    remove_stale_partials(path)
+    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(path), suffix=PARTIAL_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -49,11 +91,12 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise AdaptError("output folder already exists", path=path,
                          hint="choose another --out / --output, or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(path), suffix=PARTIAL_SUFFIX, dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = path.with_name(f"{_partial_prefix(path)}old{PARTIAL_SUFFIX}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -65,14 +108,28 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"
+
+
 def resolve_inside(root: str | Path, relative: str | Path) -> Path:
     """Resolve `relative` against `root` (symlinks followed) and refuse anything that lands outside."""
+    if "\x00" in str(relative):
+        raise AdaptError(f"path {str(relative)!r} contains a NUL byte", hint="fix the path in the data file")
     root_resolved = Path(root).resolve()
     rel = Path(relative)
     if rel.is_absolute():
         raise AdaptError(f"absolute path {str(relative)!r} is not allowed in data files",
                          hint=f"write paths relative to the data root {root_resolved}")
-    target = (root_resolved / rel).resolve()
+    try:
+        target = (root_resolved / rel).resolve()
+        target.stat()
+    except FileNotFoundError:
+        pass  # a missing file is the caller's (counted) problem
+    except (OSError, RuntimeError) as err:  # symlink loop, name too long, not a directory, no permission
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise AdaptError(f"path {_short(str(relative))!r} cannot be used: {reason}",
+                         hint="fix the path in the data file") from None
     if target != root_resolved and root_resolved not in target.parents:
         raise AdaptError(f"path {str(relative)!r} escapes the data root {root_resolved}",
                          hint="keep images inside the dataset root (no '..', no symlinks pointing out)")

@@ -23,7 +23,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from adapt.data import records as rec
-from adapt.data.images import decode_rgb
+from adapt.data.images import NOTES_KEY, decode_rgb, image_size
+from adapt.data.text import source_problem
 from adapt.data.tiling import count_tiles, tile_budget
 from adapt.errors import AdaptError, Report
 from adapt.fileio import atomic_dir, resolve_inside
@@ -63,6 +64,8 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         image_root = Path(root) if root is not None else out
 
+        ids = UniqueIds(report)
+
         def checked() -> Iterator[rec.Record]:
             shared = progress if isinstance(progress, tqdm) else None
             records = generator(source, tmp, report, **options)
@@ -73,8 +76,12 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
             for record in records:
                 where_root = tmp if root is None else image_root
                 found = rec.problems(record, root=where_root, check_files=True)
-                if found:  # a formatter bug, not a user error: fail loudly rather than write it
-                    raise AssertionError(f"formatter {name} produced an invalid record {record.get('id')}: {found}")
+                if found:  # the same rule `adapt run` applies when it reads records back
+                    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+                    report.skip("invalid record: " + "; ".join(found), path=meta.get("annotation", source),
+                                row=meta.get("row"), id=str(record.get("id")))
+                    continue
+                ids.assign(record)
                 n = _tiles_of(record, where_root, max_tiles)
                 record.setdefault("meta", {})["tiles"] = n
                 tiles_hist[n] = tiles_hist.get(n, 0) + 1
@@ -88,8 +95,42 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
         rec.write_meta(tmp / "meta.json", [rec.DatasetSpec(name=name, root=meta_root, annotation="records.jsonl",
                                                            max_dynamic_patch=max_tiles)])
         report.stats["tiles_per_record"] = dict(sorted(tiles_hist.items()))
+        if report.written == 0:
+            report.warn(f"no records written from {source} (read {report.read} rows, skipped {report.skipped})")
         report.save(tmp / "report.json")
     return report
+
+
+class UniqueIds:
+    """Gives every written record a distinct id; a clash is renamed `id#2`, `id#3`... and reported."""
+
+    def __init__(self, report: Report) -> None:
+        self.report, self.seen = report, set()
+
+    def assign(self, record: rec.Record) -> None:
+        ident = str(record.get("id")) if record.get("id") not in (None, "") else f"row-{self.report.written + 1}"
+        new, n = ident, 1
+        while new in self.seen:
+            n += 1
+            new = f"{ident}#{n}"
+        if new != ident:
+            renamed = self.report.stats.setdefault("renamed_ids", {})
+            if len(renamed) < 1000:
+                renamed[f"{ident} (record {self.report.written + 1})"] = new
+            self.report.stats["duplicate_ids_renamed"] = self.report.stats.get("duplicate_ids_renamed", 0) + 1
+        self.seen.add(new)
+        record["id"] = new
+
+
+def source_text_or_skip(report: Report, texts: dict[str, Any], *, path: str | Path | None, row: int | None,
+                        id: str | None) -> bool:
+    """True when every named source text may be embedded; else one counted, located skip (adapt.data.text)."""
+    for what, value in texts.items():
+        problem = source_problem(value, what)
+        if problem:
+            report.skip(problem, path=path, row=row, id=id)
+            return False
+    return True
 
 
 def _tiles_of(record: rec.Record, root: Path, max_tiles: int) -> int:
@@ -100,16 +141,26 @@ def _tiles_of(record: rec.Record, root: Path, max_tiles: int) -> int:
     budget = tile_budget(max_tiles, len(paths))
     total = 0
     for rel in paths:
-        with Image.open(root / rel) as image:
-            total += count_tiles(*image.size, max_tiles=budget)
+        total += count_tiles(*image_size(root / rel), max_tiles=budget)
     return total
+
+
+def decoded_size(path: Path, report: Report) -> tuple[int, int]:
+    """Fully decode an image as training will (adapt.data.images) and count what was normalised."""
+    image = decode_rgb(str(path))
+    for note in image.info.get(NOTES_KEY, []):
+        counts = report.stats.setdefault("images_normalized", {})
+        kind = note.split(" range ")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+        report.warn(f"some images were normalised on decode ({kind}...): see stats.images_normalized")
+    return image.size
 
 
 def image_size_or_skip(path: Path, report: Report, *, source: str | Path | None = None, row: int | None = None,
                        id: str | None = None) -> tuple[int, int] | None:
     """Fully decode an image (truncation shows only on full decode); skip and count it when unusable."""
     try:
-        return decode_rgb(str(path)).size
+        return decoded_size(path, report)
     except FileNotFoundError:
         report.skip(f"image not found: {path}", path=source or path, row=row, id=id)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -231,9 +282,8 @@ class ImageChecker:
             return None, f"image not found: {target}"
         try:
             if self.decode:
-                return decode_rgb(str(target)).size, ""
-            with Image.open(target) as image:
-                return image.size, ""
+                return decoded_size(target, self.report), ""
+            return image_size(target), ""
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             return None, f"corrupt image: {target} ({err})"
 

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from adapt.data import records as rec
+from adapt.data.text import source_problem
 from adapt.errors import AdaptError, Report
 from formatters.base import (
     IMAGE_EXTENSIONS,
@@ -99,6 +100,9 @@ class MultipleChoice:
 
     def __init__(self, kind: str, classes: list[str], opts: ChoiceOptions) -> None:
         choose(kind, "choices", opts.choices, ("lettered", "listed"))
+        marked = next(filter(None, (source_problem(c, f"class name {c!r}") for c in classes)), None)
+        if marked:
+            raise AdaptError(marked, hint="rename the class (folder) so it carries no <...> template markup")
         if len(set(classes)) != len(classes):
             raise AdaptError(f"the class list has duplicates: {classes}")
         missing = [s for s in opts.subset or [] if s not in classes]

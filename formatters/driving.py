@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw, ImageFont
 from adapt.data import boxes as bx
 from adapt.data.images import decode_rgb, resize
 from adapt.errors import AdaptError, Report
-from formatters.base import Formatter
+from formatters.base import Formatter, source_text_or_skip
 
 CAMERA_GRID = (("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"),
                ("CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT"))
@@ -812,6 +812,8 @@ def _converted_qa(pair: Any, group: str, index: int, sample_token: str, path: Pa
     if not isinstance(pair, dict) or not isinstance(pair.get("Q"), str) or not isinstance(pair.get("A"), str) \
             or not pair["Q"].strip() or not pair["A"].strip():
         report.skip("QA without a non-empty 'Q' and 'A'", path=path, id=where)
+        return None
+    if not source_text_or_skip(report, {"question": pair["Q"], "answer": pair["A"]}, path=path, row=None, id=where):
         return None
     try:
         question, answer = convert_tags(pair["Q"]), convert_tags(pair["A"])

@@ -17,7 +17,7 @@ with `dataset=name[,name...]` and format them separately. `repeat_time` is not a
 weights belong to the recipe); it is listed in `report.stats["repeat_time"]`.
 
 Ids: a row keeps its own id (a missing one becomes `<dataset>-<row>`); with several datasets each id is
-prefixed `<dataset>/`, and a repeated id gets `#<row>` appended (counted). `meta` is kept, with
+prefixed `<dataset>/`, and a repeated id gets `#2`, `#3`... appended (renames listed in the report). `meta` is kept, with
 `source` (the dataset name) and `domain` added when absent and `task` inferred when absent ("text"
 without media, "video" with a video, else "vqa"). Rows whose text carries 0..1 float boxes (some
 LLaVA-style releases) are left as they are, flagged `meta.normalized_boxes_in_text` and counted in
@@ -68,9 +68,11 @@ def _first_char(path: Path) -> str:
 
 def _plan(source: Path, opts: GeneralOptions) -> tuple[list[_Part], Path]:
     """The annotation files to read and the one root all record paths will be relative to."""
+    if source.is_dir() and (source / "meta.json").is_file():  # a folder `adapt format` wrote
+        source = source / "meta.json"
     if not source.is_file():
-        raise AdaptError("expected an InternVL meta file, a JSONL annotation file or a LLaVA JSON array",
-                         path=source)
+        raise AdaptError("expected an InternVL meta file, a JSONL annotation file, a LLaVA JSON array or a "
+                         "folder written by `adapt format` (with meta.json)", path=source)
     is_meta = source.suffix.lower() == ".json" and _first_char(source) == "{"
     if not is_meta:
         if opts.dataset is not None:
@@ -129,7 +131,6 @@ def _generate(source: Path, out: Path, report: Report, **options: Any) -> Iterat
     repeats = {p.name: p.repeat_time for p in parts if p.repeat_time != 1}
     if repeats:
         report.stats["repeat_time"] = repeats
-    seen: set[str] = set()
     for part in parts:
         checker = ImageChecker(part.root, report, decode=opts.verify_images == "decode")
         for row, record in _rows(part, report):
@@ -138,11 +139,7 @@ def _generate(source: Path, out: Path, report: Report, **options: Any) -> Iterat
                 ident = f"{part.name}/{ident}"
             if not all(checker.size(p, path=part.annotation, row=row, id=ident) for p in rec.images_of(record)):
                 continue
-            if ident in seen:
-                ident = f"{ident}#{row}"
-                report.stats["duplicate_ids_renamed"] = report.stats.get("duplicate_ids_renamed", 0) + 1
-            seen.add(ident)
-            record["id"] = ident
+            record["id"] = ident  # formatters.base.UniqueIds renames a repeated id and reports it
             if part.root != common:
                 _rebase(record, part.root, common)
             meta = dict(record.get("meta") or {}) if isinstance(record.get("meta"), dict) else {}

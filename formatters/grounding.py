@@ -37,7 +37,16 @@ from typing import Any
 from adapt.data import boxes as bx
 from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
-from formatters.base import Formatter, ImageChecker, choose, iter_json_rows, load_json, parse_options, turn
+from formatters.base import (
+    Formatter,
+    ImageChecker,
+    choose,
+    iter_json_rows,
+    load_json,
+    parse_options,
+    source_text_or_skip,
+    turn,
+)
 
 FORMATS = ("auto", "coco", "refcoco", "voc", "jsonl")
 BOX_FORMATS = ("auto", "xyxy", "xywh", "xyxy_norm", "xywh_norm")
@@ -210,6 +219,9 @@ def to_pixels(raw: Any, box_format: str, width: int, height: int) -> tuple[list[
 def _check(cand: _Candidate, checker: ImageChecker, report: Report) -> Target | None:
     if not cand.expression or not isinstance(cand.expression, str) or not cand.expression.strip():
         report.skip("empty or missing referring expression", path=cand.path, row=cand.row, id=cand.id)
+        return None
+    if not source_text_or_skip(report, {"referring expression": cand.expression}, path=cand.path, row=cand.row,
+                               id=cand.id):
         return None
     if not cand.boxes:
         report.skip("no box for the expression", path=cand.path, row=cand.row, id=cand.id)

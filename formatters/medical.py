@@ -50,6 +50,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi
 
 from adapt.data.images import decode_rgb
 from adapt.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
+from adapt.data.text import source_problem
 from adapt.errors import AdaptError, Report
 from adapt.fileio import resolve_inside
 from formatters.base import Formatter, image_size_or_skip
@@ -162,8 +163,11 @@ def _folder_option(value: str | Path | None, candidates: list[Path], what: str) 
 
 
 def _required(row: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    """Why a row cannot be used: a required field missing, or carrying template markup (adapt.data.text)."""
     missing = [k for k in keys if not _text(row.get(k))]
-    return f"missing field(s): {', '.join(missing)}" if missing else None
+    if missing:
+        return f"missing field(s): {', '.join(missing)}"
+    return next(filter(None, (source_problem(row.get(k), f"field {k!r}") for k in row)), None)
 
 
 # --------------------------------------------------------------------------------------------- VQA-RAD

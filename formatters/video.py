@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from adapt.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
+from adapt.data.text import source_problem
 from adapt.data.video import (
     TooFewFrames,
     count_video_frames,
@@ -162,6 +163,10 @@ def _question_answer(row: dict[str, Any], labels: list[str]) -> tuple[str, str, 
         return "missing field video"
     question, answer, label = _text(row.get("question")), _text(row.get("answer")), _text(row.get("label"))
     question = question.replace(VIDEO_PLACEHOLDER, "").replace(IMAGE_PLACEHOLDER, "").strip()  # ours is the only one
+    marked = next(filter(None, (source_problem(t, w) for t, w in ((question, "question"), (answer, "answer"),
+                                                                  (label, "label")))), None)
+    if marked:
+        return marked
     if question and answer:
         closed = answer.lower() in YES_NO
         meta: dict[str, Any] = {"answer_type": "closed" if closed else "open"}

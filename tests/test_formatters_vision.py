@@ -487,7 +487,7 @@ def test_general_llava_array_text_only_normalized_boxes_and_defects(tmp_path):
     path.write_text(json.dumps(original + extra))
     report, records, _ = format_records("general", path, tmp_path / "defects")
     assert len(records) == 6 and report.skipped == 5 and report.stats["duplicate_ids_renamed"] == 1
-    assert records[-1]["id"] == "100#11"
+    assert records[-1]["id"] == "100#2"
     reasons = skips_by_row(report)
     assert set(reasons) == {6, 7, 8, 9, 10} and all(s.path == str(path) for s in report.skips)
     assert "file not found" in reasons[6] and "corrupt image" in reasons[7] and "escapes" in reasons[8]

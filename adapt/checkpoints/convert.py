@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from adapt.checkpoints.export import write_processor_configs, write_tokenizer
+from adapt.checkpoints.pickles import load_safely
 from adapt.data.templates import IMAGE_SPECIAL_TOKENS, TEMPLATES, chat_template_for
 from adapt.errors import AdaptError
 from adapt.fileio import atomic_dir
@@ -170,13 +171,7 @@ class _Source:
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # any unpickling failure is the file's fault, never ours to execute around
-        raise AdaptError(f"cannot load this .bin shard with torch.load(weights_only=True): "
-                         f"{str(err).splitlines()[0][:300]}", path=path,
-                         hint="it holds more than plain tensors; re-save it as safetensors with trusted code, "
-                              "or use the official safetensors release") from None
+    state = load_safely(path)  # refused pickles become adapt's message, never torch's weights_only=False advice
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise AdaptError("this .bin shard is not a plain state dict of tensors", path=path)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
 
+from adapt.checkpoints.pickles import pickles_refused
 from adapt.data.templates import IMG_CONTEXT, TEMPLATES
 from adapt.errors import AdaptError
 from adapt.preflight import locate_model
@@ -167,7 +168,8 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, attn_impl
     if load_in_4bit:
         kwargs["quantization_config"] = _nf4_config(dtype)
     try:
-        model = InternVLForConditionalGeneration.from_pretrained(source, **kwargs)
+        with pickles_refused(source if Path(source).exists() else None):
+            model = InternVLForConditionalGeneration.from_pretrained(source, **kwargs)
     except OSError as err:
         raise AdaptError(f"cannot load the model weights of {name_or_path} ({str(err).splitlines()[0]})",
                          path=source, hint="a download that broke off or a damaged file: download it again "

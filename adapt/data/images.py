@@ -13,14 +13,67 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
+
+NOTES_KEY = "adapt_normalized"  # image.info key listing what decode_rgb did beyond a plain decode
+_ROTATING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+    except (ValueError, TypeError, SyntaxError, OSError):  # a broken EXIF block: use the pixels as stored
+        return 1
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as displayed, from the header only: EXIF orientations 5-8 swap the stored sides."""
+    with Image.open(path) as image:
+        width, height = image.size
+        return (height, width) if _orientation(image) in _ROTATING else (width, height)
+
+
+def _to_uint8(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """Wide-range pixels (16/32-bit integers, floats) scaled by their real range to 0..255.
+
+    PIL's own conversion clips them (a 16-bit PNG turns all-white, a 0..1 float TIFF black). Integers
+    up to 65535 are scaled by the 16-bit range; floats within 0..1 by 255; anything else by its
+    observed minimum and maximum.
+    """
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image, None
+    array = np.asarray(image).astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError("image has NaN or infinite pixel values")
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if image.mode == "F" and low >= 0 and high <= 1:
+        scaled, note = array * 255, "float 0..1 image scaled by 255"
+    elif image.mode != "F" and low >= 0 and high <= 255:
+        scaled, note = array, None
+    elif image.mode != "F" and low >= 0 and high <= 65535:
+        scaled, note = array / 257, "16-bit image scaled by 65535/255"
+    else:
+        span = high - low or 1.0
+        scaled, note = (array - low) / span * 255, f"{image.mode} image scaled from its range {low:g}..{high:g}"
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)), note
 
 
 def decode_rgb(data: bytes | str | Path) -> Image.Image:
-    """Decode an image file (path or bytes) to a PIL RGB image; raises for corrupt or truncated input."""
+    """Decode an image file (path or bytes) to a PIL RGB image, as displayed; raises for corrupt or
+    truncated input. EXIF orientation is applied (boxes are drawn on the displayed image) and wide-range
+    pixels are scaled by their real range; what was done is listed in `image.info[NOTES_KEY]`."""
     image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     image.load()  # force a full decode now so truncation is detected here, not later
-    return image.convert("RGB") if image.mode != "RGB" else image
+    notes = []
+    orientation = _orientation(image)
+    if orientation != 1:
+        image = ImageOps.exif_transpose(image)
+        notes.append(f"EXIF orientation {orientation} applied")
+    image, note = _to_uint8(image)
+    notes += [note] if note else []
+    out = image.convert("RGB") if image.mode != "RGB" else image
+    out.info[NOTES_KEY] = notes
+    return out
 
 
 def decode_array(path: str | Path) -> np.ndarray:
@@ -28,10 +81,11 @@ def decode_array(path: str | Path) -> np.ndarray:
 
     simplejpeg is libjpeg-turbo with the same defaults as PIL (accurate IDCT, fancy upsampling), so the
     pixels are identical, but it decodes straight into one numpy buffer (no PIL image, no convert copy).
+    It ignores EXIF orientation, so rotated JPEGs go through `decode_rgb`.
     """
     with open(path, "rb") as handle:
         data = handle.read()
-    if data[:3] == b"\xff\xd8\xff":
+    if data[:3] == b"\xff\xd8\xff" and _orientation(Image.open(io.BytesIO(data))) == 1:
         try:
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         except ValueError:

@@ -11,6 +11,7 @@ data root and are resolved inside it (see `adapt.fileio.resolve_inside`).
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -60,7 +61,8 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
 
     Checks: shape, roles (optional leading system turn, then human/gpt alternating, starting with
     human and ending with gpt), no empty answer, `<image>` count == image count, `<video>` at most
-    once and only with a video, paths inside `root` (and existing when `check_files`).
+    once and only with a video, markup (`adapt.data.text`), paths inside `root` (and existing when
+    `check_files`).
     """
     if not isinstance(record, dict):
         return ["row is not a JSON object"]
@@ -105,6 +107,9 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
         expected = len(images)
         if n_image != expected and not (expected == 1 and n_image == 0):
             out.append(f"{n_image} {IMAGE_PLACEHOLDER} placeholder(s) for {expected} image(s)")
+    from adapt.data.text import record_problems  # the markup rule (imports templates, which import us)
+
+    out += record_problems(record)
     if root is not None:
         video = [record["video"]] if record.get("video") else []
         for rel in images + video:
@@ -210,9 +215,10 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
     for name, entry in raw.items():
         if not isinstance(entry, dict) or "annotation" not in entry:
             raise AdaptError(f"entry {name!r} needs at least 'annotation' (and usually 'root')", path=path)
+        wrong = _meta_entry_problem(entry)
+        if wrong:
+            raise AdaptError(f"entry {name!r}: {wrong}", path=path)
         repeat = float(entry.get("repeat_time", 1))
-        if repeat <= 0:
-            raise AdaptError(f"entry {name!r} has repeat_time {repeat}; it must be > 0", path=path)
         base, resolved_from = _meta_base(path, name, str(entry["annotation"]), str(entry.get("root", ".")))
         specs.append(DatasetSpec(
             name=name, root=str(base / entry.get("root", ".")), annotation=str(base / entry["annotation"]),
@@ -235,6 +241,22 @@ def _meta_base(meta: Path, name: str, annotation: str, root: str) -> tuple[Path,
                      f"({Path.cwd()}) nor beside the meta file", path=meta,
                      hint="InternVL reads meta paths relative to the directory it runs in; run from there "
                           "or give absolute paths")
+
+
+def _meta_entry_problem(entry: dict[str, Any]) -> str | None:
+    """The first field of a meta entry with the wrong type or range (InternVL's loader would crash later)."""
+    for key in ("root", "annotation"):
+        if key in entry and (not isinstance(entry[key], str) or not entry[key] or "\x00" in entry[key]):
+            return f"{key} must be a non-empty path string, not {entry[key]!r}"
+    repeat = entry.get("repeat_time", 1)
+    if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not math.isfinite(repeat) or repeat <= 0:
+        return f"repeat_time must be a number > 0, not {repeat!r}"
+    patches = entry.get("max_dynamic_patch")
+    if patches is not None and (isinstance(patches, bool) or not isinstance(patches, int) or patches < 1):
+        return f"max_dynamic_patch must be a whole number >= 1, not {patches!r}"
+    if not isinstance(entry.get("data_augment", False), bool):
+        return f"data_augment must be true or false, not {entry['data_augment']!r}"
+    return None
 
 
 def write_meta(path: str | Path, specs: Iterable[DatasetSpec]) -> None:

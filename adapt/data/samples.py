@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapt.data.images import decode_array
+from adapt.data.images import decode_array, image_size
 from adapt.data.records import Record, images_of
 from adapt.data.templates import IGNORE_INDEX, Encoded, Encoder
+from adapt.data.text import record_problems, tokenizer_special_tokens
 from adapt.data.tiling import TilingPolicy, count_tiles, single_tile, tile_image
 from adapt.errors import AdaptError, Report
 from adapt.fileio import resolve_inside
@@ -70,6 +71,7 @@ class SampleBuilder:
         self.encoder, self.policy, self.max_length = encoder, policy or TilingPolicy(), max_length
         self.resample = resample
         self.video_frames, self.train, self.seed = video_frames, train, seed
+        self.special_tokens = tokenizer_special_tokens(encoder.tokenizer)  # text must never become these ids
 
     # -- shapes --------------------------------------------------------------------------------
     def policy_for(self, record: Record) -> TilingPolicy:
@@ -88,12 +90,15 @@ class SampleBuilder:
         policy = self.policy_for(record)
         out = []
         for rel in images_of(record):
-            with Image.open(resolve_inside(root, rel)) as image:
-                out.append(count_tiles(*image.size, policy.min_tiles, policy.max_tiles, policy.thumbnail))
+            size = image_size(resolve_inside(root, rel))
+            out.append(count_tiles(*size, policy.min_tiles, policy.max_tiles, policy.thumbnail))
         return out
 
     def plan(self, record: Record, root: str | Path) -> Planned:
         """Exact length, tiles and supervised tokens; raises SampleDropped for unusable records."""
+        marked = record_problems(record, self.special_tokens)
+        if marked:
+            raise SampleDropped("; ".join(marked))
         try:
             tiles = self.tiles_from_headers(record, root)
         except (OSError, SyntaxError, Image.DecompressionBombError) as err:
@@ -142,6 +147,9 @@ class SampleBuilder:
             raise SampleDropped(f"unreadable image or video ({err})") from None
         except AdaptError as err:
             raise SampleDropped(err.message) from None
+        marked = record_problems(record, self.special_tokens)
+        if marked:
+            raise SampleDropped("; ".join(marked))
         encoded = self.encoder.encode(record, tiles_per_image, generation=generation)
         if not generation:
             encoded = self._fit(encoded, record)

@@ -38,6 +38,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from adapt import console
 from adapt.checkpoints.models import Loaded, count_parameters
+from adapt.checkpoints.pickles import pickles_refused
 from adapt.data.batching import Collator, pack_bins
 from adapt.data.records import Record, images_of
 from adapt.data.samples import SampleBuilder, SampleDropped, plan_all
@@ -539,13 +540,14 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path, bool]]:
     return sorted(found)
 
 
-def last_complete_checkpoint(folder: str | Path) -> Path | None:
-    """The newest checkpoint carrying the completion marker; half-written ones are set aside."""
+def last_complete_checkpoint(folder: str | Path, *, set_aside: bool = True) -> Path | None:
+    """The newest checkpoint carrying the completion marker; half-written ones are set aside (renamed)
+    unless `set_aside` is False, as for commands that only read a run (eval, export)."""
     complete = []
     for _, path, done in _checkpoints(Path(folder)):
         if done:
             complete.append(path)
-        elif int(os.environ.get("RANK", "0")) == 0:  # every rank reads the same answer; one moves folders
+        elif set_aside and int(os.environ.get("RANK", "0")) == 0:  # every rank reads the same answer; one moves folders
             aside = path.with_name(f".incomplete-{path.name}")
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
@@ -659,7 +661,8 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, min(threads, cpus - resolve_workers(config.workers))))
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with pickles_refused(checkpoint):  # a tampered optimizer.pt / rng_state.pth: adapt's message, never torch's advice
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         torch.set_num_threads(threads)
         if attn != loaded_attn:  # a training choice: torch_varlen cannot decode
