@@ -154,7 +154,9 @@ def test_adapt_run_under_two_processes(fixture_dir, tmp_path):
     assert done.stdout.count('"run_dir"') == 1  # only the main process prints the result
     printed = json.loads(done.stdout[done.stdout.index('{\n  "run_dir"'):])
     assert printed["run_dir"] == str(run_dir)
-    assert done.stdout.count("[adapt] training") == 1
+    assert "[adapt] training" not in done.stdout  # --quiet: progress news goes to the run log only
+    run_log = (run_dir / "logs" / "run.log").read_text()
+    assert sum(" training (" in line for line in run_log.splitlines()) == 1  # written by the main process only
     for name in ("config.yaml", "data/heldout.json", "data/mixture/manifest.json", "eval/before.json",
                  "eval/after.json", "export/config.json", "export/model.safetensors"):
         assert (run_dir / name).is_file(), name
