@@ -358,14 +358,21 @@ class RunResult:
     steps: int
 
     def scores(self) -> dict[str, float | None]:
-        pick = lambda report, name, key: report.get(name, {}).get(key)  # noqa: E731
+        def pick(report: dict[str, Any], name: str, *keys: str) -> Any:
+            value: Any = report.get(name, {})
+            for key in keys:
+                value = (value or {}).get(key)
+            return value
+
         return {"domain_before": pick(self.before, "domain", "score"), "domain_after": pick(self.after, "domain", "score"),
                 "general_before": pick(self.before, "general", "score"),
                 "general_after": pick(self.after, "general", "score"),
                 "general_loss_before": pick(self.before, "general", "answer_loss"),
                 "general_loss_after": pick(self.after, "general", "answer_loss"),
                 "domain_loss_before": pick(self.before, "domain", "answer_loss"),
-                "domain_loss_after": pick(self.after, "domain", "answer_loss")}
+                "domain_loss_after": pick(self.after, "domain", "answer_loss"),
+                "domain_chance": pick(self.after, "domain", "chance", "score"),
+                "domain_blind": pick(self.after, "domain", "blind", "score")}
 
 
 def run(config: RunConfig | None = None, *, resume: str | Path | None = None, shared_dir: str | Path | None = None,
@@ -436,7 +443,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None, sh
         model = result.model if result.final_dir is None else from_checkpoint(result.final_dir, config, train_config).model
         trained = models.Loaded(model, loaded.tokenizer, loaded.template, loaded.source)
         say("evaluating the fine-tuned model")
-        after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs)
+        after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs,
+                                    blind=bool(eval_settings["blind"]))
         evaluation.save_report(after, after_path)
         table = evaluation.comparison_markdown(before, after)
         atomic_write_text(run_dir / "eval" / "report.md", f"# {run_dir.name}\n\n{table}")
@@ -555,15 +563,17 @@ def from_checkpoint(checkpoint: Path, config: RunConfig, train_config: TrainConf
     return models.Loaded(model, base.tokenizer, base.template, str(checkpoint))
 
 
-def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a model (default: the run's export) on the run's held-out sets; saved under eval/."""
+def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None, blind: bool | None = None) -> dict[str, Any]:
+    """Evaluate a model (default: the run's export) on the run's held-out sets; saved under eval/.
+    `blind` (default: the run's eval setting) adds the grey-image baseline."""
     run_dir, config, train_config, eval_settings = _load_run(run_dir)
     target = Path(model) if model else run_dir / "export"
     loaded = models.load(str(target)) if target.exists() else load_trained(run_dir)
     held = json.loads((run_dir / "data" / "heldout.json").read_text())
     sets = {k: [(r, root) for r, root in v] for k, v in held.items()}
     report = evaluation.evaluate(loaded, make_builder(loaded, train_config, train=False), sets,
-                                 batch_size=eval_settings["batch_size"], max_new_tokens=eval_settings["max_new_tokens"])
+                                 batch_size=eval_settings["batch_size"], max_new_tokens=eval_settings["max_new_tokens"],
+                                 blind=bool(eval_settings.get("blind") if blind is None else blind))
     evaluation.save_report(report, run_dir / "eval" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
     return report
 

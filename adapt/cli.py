@@ -73,6 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config.upsample = config.upsample or args.upsample
     config.strict = config.strict or args.strict
     config.train = {**config.train, **_train_overrides(args)}
+    if args.blind:
+        config.eval = {**config.eval, "blind": True}
     result = api.run(config, export=not args.no_export, progress=not args.quiet)
     if api.is_main_process():  # under torchrun / accelerate launch every rank returns the same result
         print(json.dumps({"run_dir": str(result.run_dir), "export": str(result.export_dir), **result.scores()},
@@ -96,7 +98,7 @@ def cmd_format(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from adapt import api
 
-    report = api.evaluate_run(args.run_dir, model=args.model)
+    report = api.evaluate_run(args.run_dir, model=args.model, blind=args.blind or None)
     print(json.dumps({name: section.get("score") for name, section in report.items()}, indent=2))
     return 0
 
@@ -165,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir")
     run.add_argument("--name")
     run.add_argument("--no-export", action="store_true")
+    run.add_argument("--blind", action="store_true", help="also score the trained model on grey images (on in demos)")
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -180,6 +183,7 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a run's model on its held-out sets")
     ev.add_argument("run_dir")
     ev.add_argument("--model", help="model folder to evaluate (default: the run's export)")
+    ev.add_argument("--blind", action="store_true", help="also score the model with every image replaced by grey")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a run's model in the HF-native layout")
