@@ -17,16 +17,14 @@ from pathlib import Path
 from domains.recipe import DEMO_TRAIN, DataSource, Domain
 
 
-def demo(folder: Path, seed: int, scale: float = 1.0) -> tuple[list[DataSource], list[DataSource]]:
-    """The demo sources; `scale` < 1 writes fewer samples of each (the reduced-size test)."""
+def demo(folder: Path, seed: int) -> tuple[list[DataSource], list[DataSource]]:
     from formatters.synthetic.general import write_general_demo
     from formatters.synthetic.pixel_tasks import write_dicom_demo, write_slake_demo, write_vqa_rad_demo
 
-    size = lambda n: max(4, round(n * scale))  # noqa: E731
-    return ([DataSource("vqa-rad", str(write_vqa_rad_demo(folder / "vqa_rad", size(40))), name="vqa_rad"),
-             DataSource("slake", str(write_slake_demo(folder / "slake", size(24))), name="slake"),
-             DataSource("dicom", str(write_dicom_demo(folder / "dicom", size(10))), name="dicom")],
-            [DataSource("general", str(write_general_demo(folder / "general", n=size(48), seed=seed)),
+    return ([DataSource("vqa-rad", str(write_vqa_rad_demo(folder / "vqa_rad", 40)), name="vqa_rad"),
+             DataSource("slake", str(write_slake_demo(folder / "slake", 24)), name="slake"),
+             DataSource("dicom", str(write_dicom_demo(folder / "dicom", 10)), name="dicom")],
+            [DataSource("general", str(write_general_demo(folder / "general", n=48, seed=seed)),
                         name="demo_general")])
 
 

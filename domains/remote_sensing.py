@@ -17,17 +17,15 @@ from pathlib import Path
 from domains.recipe import DEMO_TRAIN, DataSource, Domain
 
 
-def demo(folder: Path, seed: int, scale: float = 1.0) -> tuple[list[DataSource], list[DataSource]]:
-    """The demo sources; `scale` < 1 writes fewer samples of each (the reduced-size test)."""
+def demo(folder: Path, seed: int) -> tuple[list[DataSource], list[DataSource]]:
     from formatters.synthetic.general import write_general_demo
     from formatters.synthetic.pixel_tasks import write_aid_demo, write_dior_rsvg_grid, write_rsvqa_demo
 
-    size = lambda n: max(1, round(n * scale))  # noqa: E731
-    return ([DataSource("classification", str(write_aid_demo(folder / "aid", size(8))), name="aid"),
-             DataSource("grounding", str(write_dior_rsvg_grid(folder / "dior_rsvg", size(4))), {"split": "train"},
+    return ([DataSource("classification", str(write_aid_demo(folder / "aid", 8)), name="aid"),
+             DataSource("grounding", str(write_dior_rsvg_grid(folder / "dior_rsvg", 4)), {"split": "train"},
                         name="dior_rsvg"),
-             DataSource("rsvqa", str(write_rsvqa_demo(folder / "rsvqa", size(20))), {"split": "train"}, name="rsvqa")],
-            [DataSource("general", str(write_general_demo(folder / "general", n=size(48), seed=seed)),
+             DataSource("rsvqa", str(write_rsvqa_demo(folder / "rsvqa", 20)), {"split": "train"}, name="rsvqa")],
+            [DataSource("general", str(write_general_demo(folder / "general", n=48, seed=seed)),
                         name="demo_general")])
 
 
