@@ -370,14 +370,21 @@ class RunResult:
     steps: int
 
     def scores(self) -> dict[str, float | None]:
-        pick = lambda report, name, key: report.get(name, {}).get(key)  # noqa: E731
+        def pick(report: dict[str, Any], name: str, *keys: str) -> Any:
+            value: Any = report.get(name, {})
+            for key in keys:
+                value = (value or {}).get(key)
+            return value
+
         return {"domain_before": pick(self.before, "domain", "score"), "domain_after": pick(self.after, "domain", "score"),
                 "general_before": pick(self.before, "general", "score"),
                 "general_after": pick(self.after, "general", "score"),
                 "general_loss_before": pick(self.before, "general", "answer_loss"),
                 "general_loss_after": pick(self.after, "general", "answer_loss"),
                 "domain_loss_before": pick(self.before, "domain", "answer_loss"),
-                "domain_loss_after": pick(self.after, "domain", "answer_loss")}
+                "domain_loss_after": pick(self.after, "domain", "answer_loss"),
+                "domain_chance": pick(self.after, "domain", "chance", "score"),
+                "domain_blind": pick(self.after, "domain", "blind", "score")}
 
 
 def run(config: RunConfig | None = None, *, resume: str | Path | None = None, shared_dir: str | Path | None = None,
@@ -478,7 +485,8 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
         trained = models.Loaded(model, loaded.tokenizer, loaded.template, loaded.source)
         say("evaluating the fine-tuned model")
         with console.phase("evaluation (after)", total=_eval_steps(data.heldout), unit="q") as bar:
-            after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs, progress=bar)
+            after = evaluation.evaluate(trained, eval_builder, data.heldout, **eval_kwargs, progress=bar,
+                                        blind=bool(eval_settings["blind"]))
         evaluation.save_report(after, after_path)
         table = evaluation.comparison_markdown(before, after)
         atomic_write_text(run_dir / "eval" / "report.md", f"# {run_dir.name}\n\n{table}")
@@ -606,10 +614,11 @@ def from_checkpoint(checkpoint: Path, config: RunConfig, train_config: TrainConf
 
 
 def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None, judge: str | None = None,
-                 out: str | Path | None = None) -> dict[str, Any]:
+                 out: str | Path | None = None, blind: bool | None = None) -> dict[str, Any]:
     """Evaluate a model (default: the run's export) on the run's held-out sets; the report is saved to
     `out` when given. The run directory is only read: it stays byte-identical. `judge` (a local chat model,
-    off by default) adds DriveLM's GPT score, named in the report."""
+    off by default) adds DriveLM's GPT score, named in the report; `blind` (default: the run's eval setting)
+    adds the grey-image baseline."""
     from adapt.evaluation.judge import LocalJudge
 
     run_dir, config, train_config, eval_settings = _load_run(run_dir)
@@ -619,7 +628,8 @@ def evaluate_run(run_dir: str | Path, *, model: str | Path | None = None, judge:
     sets = {k: [(r, root) for r, root in v] for k, v in held.items()}
     report = evaluation.evaluate(loaded, make_builder(loaded, train_config, train=False), sets,
                                  batch_size=eval_settings["batch_size"], max_new_tokens=eval_settings["max_new_tokens"],
-                                 judge=LocalJudge.load(judge) if judge else None)
+                                 judge=LocalJudge.load(judge) if judge else None,
+                                 blind=bool(eval_settings.get("blind") if blind is None else blind))
     if out is not None:
         evaluation.save_report(report, out)
     return report

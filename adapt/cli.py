@@ -77,6 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config.upsample = config.upsample or args.upsample
     config.strict = config.strict or args.strict
     config.train = {**config.train, **_train_overrides(args)}
+    if args.blind:
+        config.eval = {**config.eval, "blind": True}
     result = api.run(config, export=not args.no_export, progress=not args.quiet)
     if api.is_main_process():  # under torchrun / accelerate launch every rank returns the same result
         print(json.dumps({"run_dir": str(result.run_dir), "export": str(result.export_dir), **result.scores()},
@@ -124,7 +126,8 @@ def _setting(text: str) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from adapt import api
 
-    report = api.evaluate_run(args.run_dir, model=args.model, judge=args.judge, out=args.out)
+    report = api.evaluate_run(args.run_dir, model=args.model, judge=args.judge, out=args.out,
+                              blind=args.blind or None)
     print(json.dumps({name: section.get("score") for name, section in report.items()}, indent=2))
     return 0
 
@@ -238,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir")
     run.add_argument("--name")
     run.add_argument("--no-export", action="store_true")
+    run.add_argument("--blind", action="store_true", help="also score the trained model on grey images (on in demos)")
     run.add_argument("--quiet", action="store_true", help="print warnings, errors and the final table only; progress goes to RUN_DIR/logs/run.log")
     run.set_defaults(func=cmd_run)
 
@@ -267,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--judge", help="local chat model that rates DriveLM answers with the official GPT-score "
                                     "prompt (off by default; the report names it)")
     ev.add_argument("--out", help="save the full report (JSON) here; the run directory is never written")
+    ev.add_argument("--blind", action="store_true", help="also score the model with every image replaced by grey")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a run's model in the HF-native layout")

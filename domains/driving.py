@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from domains.recipe import DataSource, Domain
+from domains.recipe import DEMO_TRAIN, DataSource, Domain
 
 
 def demo(folder: Path, seed: int) -> tuple[list[DataSource], list[DataSource]]:
@@ -39,9 +39,8 @@ DRIVING = Domain(
     # The CPU demo keeps the real pipeline (nuScenes -> stitched 2688x896 -> records -> mixture ->
     # packed training) but gives each image one 448 tile (the whole stitched view), so the random-init
     # tiny model learns the camera question in a few minutes on two cores; real runs use 12 tiles.
-    demo_train={"learning_rate": 3e-3, "warmup_ratio": 0.05, "epochs": 20, "max_tiles": 1, "pack_tokens": 2048,
-                "pack_tiles": 8, "weight_decay": 0.0, "logging_steps": 20, "save_steps": 100, "workers": 1},
-    demo_eval={"holdout": 0.25, "general_holdout": 24, "max_new_tokens": 12, "batch_size": 8},
+    demo_train=DEMO_TRAIN,
+    demo_eval={"holdout": 0.25, "general_holdout": 24, "max_new_tokens": 12, "batch_size": 8, "blind": True},
     examples=["adapt run --domain driving --general-ratio 0.25 --model /models/InternVL2-1B-hf "
               "--data 'driving=/data/nuscenes?version=v1.0-trainval&drivelm=/data/drivelm/v1_1_train_nus.json' "
               "--general /data/internvl_sft/meta.json"],
