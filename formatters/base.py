@@ -2,7 +2,7 @@
 
     out/records.jsonl   the records (written atomically)
     out/meta.json       an InternVL meta file pointing at them, with the image root
-    out/report.json     read / written / skipped (with file:row and reason), tiles per record
+    out/report.json     read / written / skipped (with file:row and reason)
     out/images/...      derived images (stitched cameras, DICOM renders, video frames), if any
 
 Record image paths are relative to the meta file's `root`: `out` when the formatter derives
@@ -23,8 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from adapt.data import records as rec
-from adapt.data.images import decode_rgb
-from adapt.data.tiling import count_tiles, tile_budget
+from adapt.data.images import decode_rgb, image_size
 from adapt.errors import AdaptError, Report
 from adapt.fileio import atomic_dir, resolve_inside
 
@@ -47,9 +46,11 @@ class Formatter:
 
 
 def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str | None = None,
-        strict: bool = False, overwrite: bool = False, max_tiles: int = 12, progress: bool = True,
-        **options: Any) -> Report:
-    """Run one formatter into `out` (atomically: a killed run leaves nothing that looks complete)."""
+        strict: bool = False, overwrite: bool = False, progress: bool = True, **options: Any) -> Report:
+    """Run one formatter into `out` (atomically: a killed run leaves nothing that looks complete).
+
+    Records carry no tile budget: that is a training choice (the run config's max_tiles), so the
+    same formatted data serves a 6-tile and a 24-tile run alike."""
     name = name or formatter.kind
     source = Path(source)
     if not source.exists():
@@ -58,7 +59,6 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
     root = formatter.image_root(source, **options)
     generator = formatter.generate
     out = Path(out)
-    tiles_hist: dict[int, int] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         image_root = Path(root) if root is not None else out
 
@@ -69,32 +69,14 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
                 found = rec.problems(record, root=where_root, check_files=True)
                 if found:  # a formatter bug, not a user error: fail loudly rather than write it
                     raise AssertionError(f"formatter {name} produced an invalid record {record.get('id')}: {found}")
-                n = _tiles_of(record, where_root, max_tiles)
-                record.setdefault("meta", {})["tiles"] = n
-                tiles_hist[n] = tiles_hist.get(n, 0) + 1
                 report.written += 1
                 yield record
 
         rec.write_jsonl(tmp / "records.jsonl", checked())
         meta_root = "." if root is None else str(Path(root).resolve())
-        rec.write_meta(tmp / "meta.json", [rec.DatasetSpec(name=name, root=meta_root, annotation="records.jsonl",
-                                                           max_dynamic_patch=max_tiles)])
-        report.stats["tiles_per_record"] = dict(sorted(tiles_hist.items()))
+        rec.write_meta(tmp / "meta.json", [rec.DatasetSpec(name=name, root=meta_root, annotation="records.jsonl")])
         report.save(tmp / "report.json")
     return report
-
-
-def _tiles_of(record: rec.Record, root: Path, max_tiles: int) -> int:
-    """Tiles the record will become at training time (image headers only; video: one per frame)."""
-    if record.get("video"):
-        return int(record.get("meta", {}).get("num_frames", 8))
-    paths = rec.images_of(record)
-    budget = tile_budget(max_tiles, len(paths))
-    total = 0
-    for rel in paths:
-        with Image.open(root / rel) as image:
-            total += count_tiles(*image.size, max_tiles=budget)
-    return total
 
 
 def image_size_or_skip(path: Path, report: Report, *, source: str | Path | None = None, row: int | None = None,
@@ -224,8 +206,7 @@ class ImageChecker:
         try:
             if self.decode:
                 return decode_rgb(str(target)).size, ""
-            with Image.open(target) as image:
-                return image.size, ""
+            return image_size(target), ""
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             return None, f"corrupt image: {target} ({err})"
 

@@ -23,6 +23,13 @@ def decode_rgb(data: bytes | str | Path) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file header alone: planning and formatting need sizes for many images
+    without paying for a decode."""
+    with Image.open(path) as image:
+        return image.size
+
+
 def decode_array(path: str | Path) -> np.ndarray:
     """Decode to an (H, W, 3) uint8 array, JPEGs through simplejpeg.
 

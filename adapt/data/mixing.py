@@ -113,9 +113,6 @@ def load_sources_from_meta(path: str | Path, *, kind: str, weight: float = 1.0, 
     loaded: list[tuple[str, str, list[Record], int | None]] = []
     for spec in specs:
         max_tiles = spec.max_dynamic_patch
-        if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1):
-            raise AdaptError(f"entry {spec.name!r} has max_dynamic_patch {max_tiles!r}; it must be an integer >= 1",
-                             path=path)
         records = _read_records(Path(spec.annotation), spec.root, report)
         if max_tiles is not None:
             for record in records:

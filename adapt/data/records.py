@@ -15,7 +15,9 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from adapt.errors import AdaptError, Report
 from adapt.fileio import atomic_write, resolve_inside
@@ -26,6 +28,53 @@ TASKS = ("classification", "grounding", "region", "vqa", "driving", "caption", "
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 ROLES = ("human", "gpt")
+
+
+class Turn(BaseModel):
+    """One conversation turn; roles and their order are checked by `problems`, which names them."""
+
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+    role: str = Field(alias="from")
+    value: str
+
+
+class RecordSchema(BaseModel):
+    """The JSON types of a record, declared once: every reader (JSONL, meta files, LLaVA arrays) and
+    every formatter's output check goes through `problems`, which validates against it first. Plain
+    JSON values only, so a record can also live in an Arrow table."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: StrictStr | int | None = None
+    image: Annotated[StrictStr, Field(min_length=1)] | list[Annotated[StrictStr, Field(min_length=1)]] | None = None
+    video: Annotated[StrictStr, Field(min_length=1)] | None = None
+    conversations: list[Turn] = Field(min_length=1)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+def field_path(value: Any, loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the JSON path a user reads (conversations[2].value): parts that
+    are not keys or indexes of `value` (the names of union branches) are left out."""
+    out = ""
+    for part in loc:
+        if isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            out, value = f"{out}[{part}]", value[part]
+        elif isinstance(value, dict):
+            out, value = f"{out}.{part}" if out else str(part), value.get(part)
+    return out or "row"
+
+
+def schema_problems(value: Any, error: ValidationError) -> list[str]:
+    """One sentence per wrong field: its path, what was expected and what was found."""
+    seen: dict[str, str] = {}
+    for item in error.errors(include_url=False):
+        where = field_path(value, item["loc"])
+        if where not in seen:  # a union reports each branch; the first says enough
+            found = item.get("input")
+            shown = "missing" if item["type"] == "missing" else f"got {json.dumps(found, default=str)[:60]}"
+            seen[where] = f"{where}: {item['msg'].lower()} ({shown})"
+    # a union reports its outer branch too (image: not a string) when the list branch found the real fault
+    return [text for where, text in seen.items()
+            if not any(other.startswith((f"{where}[", f"{where}.")) for other in seen)]
 
 
 def images_of(record: Record) -> list[str]:
@@ -64,18 +113,17 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
     """
     if not isinstance(record, dict):
         return ["row is not a JSON object"]
+    try:
+        RecordSchema.model_validate(record)
+    except ValidationError as err:
+        return schema_problems(record, err)
     out: list[str] = []
-    convs = record.get("conversations")
-    if not isinstance(convs, list) or not convs:
-        return ["missing or empty 'conversations' list"]
+    convs = record["conversations"]
     turns = list(convs)
-    if isinstance(turns[0], dict) and turns[0].get("from") == "system":
+    if turns[0]["from"] == "system":
         turns = turns[1:]
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            out.append(f"turn {i} is not an object with a string 'value'")
-            continue
-        role = turn.get("from")
+        role = turn["from"]
         if role not in ROLES:
             out.append(f"turn {i} has unknown role {role!r} (expected 'human' or 'gpt', or a first 'system')")
         elif role != ROLES[i % 2]:
@@ -88,9 +136,6 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
         out.append("the conversation does not end with a 'gpt' answer")
     text = "".join(t["value"] for t in convs)
     images = images_of(record)
-    if any(not isinstance(p, str) or not p for p in images):
-        out.append("'image' must be a non-empty string or a list of them")
-        return out
     n_image = text.count(IMAGE_PLACEHOLDER)
     if record.get("video"):
         if images:
@@ -189,6 +234,17 @@ class DatasetSpec:
         return out
 
 
+class MetaEntry(BaseModel):
+    """One dataset of an InternVL meta file; other keys InternVL writes (length, ...) pass through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    root: StrictStr = "."
+    annotation: Annotated[StrictStr, Field(min_length=1)]
+    repeat_time: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    max_dynamic_patch: Annotated[int, Field(ge=1)] | None = None
+    data_augment: bool = False
+
+
 def read_meta(path: str | Path) -> list[DatasetSpec]:
     """Read an InternVL meta file `{name: {root, annotation, repeat_time, max_dynamic_patch?}}`.
 
@@ -205,16 +261,19 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         raise AdaptError("meta file must be a non-empty JSON object {name: {root, annotation, ...}}", path=path)
     specs = []
     for name, entry in raw.items():
-        if not isinstance(entry, dict) or "annotation" not in entry:
-            raise AdaptError(f"entry {name!r} needs at least 'annotation' (and usually 'root')", path=path)
-        repeat = float(entry.get("repeat_time", 1))
-        if repeat <= 0:
-            raise AdaptError(f"entry {name!r} has repeat_time {repeat}; it must be > 0", path=path)
+        if not isinstance(entry, dict):
+            raise AdaptError(f"entry {name!r} is not an object {{root, annotation, ...}}", path=path)
+        try:
+            checked = MetaEntry.model_validate(entry)
+        except ValidationError as err:
+            raise AdaptError(f"entry {name!r}: " + "; ".join(schema_problems(entry, err)), path=path,
+                             hint="an entry is {\"root\": folder, \"annotation\": file, \"repeat_time\": number > 0, "
+                                  "\"max_dynamic_patch\": integer >= 1}") from None
         base = path.parent
         specs.append(DatasetSpec(
-            name=name, root=str(base / entry.get("root", ".")), annotation=str(base / entry["annotation"]),
-            repeat_time=repeat, max_dynamic_patch=entry.get("max_dynamic_patch"),
-            data_augment=bool(entry.get("data_augment", False))))
+            name=name, root=str(base / checked.root), annotation=str(base / checked.annotation),
+            repeat_time=checked.repeat_time, max_dynamic_patch=checked.max_dynamic_patch,
+            data_augment=checked.data_augment))
     return specs
 
 

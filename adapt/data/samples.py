@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapt.data.images import decode_array
+from adapt.data.images import decode_array, image_size
 from adapt.data.records import Record, images_of
 from adapt.data.templates import IGNORE_INDEX, Encoded, Encoder
 from adapt.data.tiling import TilingPolicy, count_tiles, single_tile, tile_image
@@ -88,8 +88,8 @@ class SampleBuilder:
         policy = self.policy_for(record)
         out = []
         for rel in images_of(record):
-            with Image.open(resolve_inside(root, rel)) as image:
-                out.append(count_tiles(*image.size, policy.min_tiles, policy.max_tiles, policy.thumbnail))
+            out.append(count_tiles(*image_size(resolve_inside(root, rel)), policy.min_tiles, policy.max_tiles,
+                                   policy.thumbnail))
         return out
 
     def plan(self, record: Record, root: str | Path) -> Planned:
