@@ -8,13 +8,20 @@ answer with a valid object or an AdaptError that says where.
 from __future__ import annotations
 
 import json
+import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import formatters
 from adapt.data import mixing
-from adapt.errors import Report
+from adapt.data.records import normalize, problems, read_jsonl, read_meta
+from adapt.errors import AdaptError, Report
 from adapt.training.trainer import TrainConfig, make_builder
 from formatters.base import run as run_formatter
 
@@ -59,3 +66,96 @@ def test_max_tiles_above_12_reaches_training(tmp_path, tiny):
     assert expected == 25
     assert builder.plan(record, loaded.root).tiles == expected
     assert builder.build(record, loaded.root).tiles.shape[0] == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# records and meta files: any JSON value gives a valid record or a counted skip with file:line
+# ------------------------------------------------------------------------------------------------
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=8)
+TURN = st.fixed_dictionaries({}, optional={"from": st.sampled_from(["system", "human", "gpt"]) | JSON,
+                                           "value": st.sampled_from(["<image>\nq", "a", ""]) | JSON})
+RECORD_LIKE = st.fixed_dictionaries({}, optional={
+    "id": JSON, "image": st.sampled_from(["a.png", ["a.png", "b.png"], "../x.png"]) | JSON,
+    "video": st.sampled_from(["clip.mp4"]) | JSON, "meta": JSON,
+    "conversations": st.lists(TURN, max_size=4) | JSON})
+GOOD_TURNS = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+
+
+def read_lines(folder: Path, rows: list) -> tuple[list, Report]:
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = Report(name="rows")
+    return list(read_jsonl(path, report, root=folder)), report
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(RECORD_LIKE | JSON, min_size=1, max_size=4))
+def test_any_json_row_is_a_record_or_a_counted_skip(rows):
+    with tempfile.TemporaryDirectory() as folder:
+        read, report = read_lines(Path(folder), rows)
+    assert len(read) + len(report.skips) == len(rows)
+    for _, record in read:
+        assert problems(record) == []
+        normalize(record)
+    for skip in report.skips:
+        assert skip.path and skip.row is not None and skip.reason
+
+
+@pytest.mark.parametrize("row, where", [
+    ({"image": 5, "conversations": GOOD_TURNS}, "image: "),
+    ({"video": 5, "conversations": GOOD_TURNS}, "video: "),
+    ({"conversations": [{"from": "system", "value": 5}, *GOOD_TURNS]}, "conversations[0].value: "),
+    ({"image": ["a.png", 3], "conversations": GOOD_TURNS}, "image[1]: "),
+    ({"meta": [1], "conversations": GOOD_TURNS}, "meta: "),
+])
+def test_wrong_json_types_are_skips_naming_the_field(tmp_path, row, where):
+    """These rows used to end in a TypeError / AttributeError traceback."""
+    read, report = read_lines(tmp_path, [row])
+    assert not read and len(report.skips) == 1
+    assert report.skips[0].row == 1 and where in report.skips[0].reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON | st.dictionaries(st.text(max_size=4), st.fixed_dictionaries({}, optional={
+    "root": st.just("imgs") | JSON, "annotation": st.just("a.jsonl") | JSON, "repeat_time": JSON,
+    "max_dynamic_patch": JSON, "data_augment": JSON}) | JSON, max_size=3))
+def test_any_json_meta_file_is_specs_or_an_error_naming_it(value):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "meta.json"
+        path.write_text(json.dumps(value))
+        try:
+            specs = read_meta(path)
+        except AdaptError as err:
+            assert err.path == path
+            return
+    for spec in specs:
+        assert spec.repeat_time > 0 and (spec.max_dynamic_patch is None or spec.max_dynamic_patch >= 1)
+        assert isinstance(spec.root, str) and isinstance(spec.annotation, str)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"annotation": "a.jsonl", "repeat_time": "abc"}, "repeat_time: "),
+    ({"annotation": "a.jsonl", "root": 5}, "root: "),
+    ({"annotation": "a.jsonl", "max_dynamic_patch": True}, "max_dynamic_patch: "),
+])
+def test_meta_entries_of_the_wrong_type_are_errors_naming_the_field(tmp_path, entry, message):
+    path = tmp_path / "meta.json"
+    path.write_text(json.dumps({"set": entry}))
+    with pytest.raises(AdaptError, match=re.escape(message)) as caught:
+        read_meta(path)
+    assert caught.value.path == path and "'set'" in caught.value.message
+
+
+def test_coco_image_id_of_the_wrong_type_is_a_counted_skip(tmp_path):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+            "categories": [{"id": 1, "name": "car"}],
+            "annotations": [{"id": 1, "image_id": [1], "category_id": 1, "bbox": [1, 1, 10, 10]},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10]}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    report = run_formatter(formatters.get("grounding"), tmp_path / "instances.json", tmp_path / "out",
+                           progress=False)
+    assert report.written == 1 and len(report.skips) == 1
+    assert report.skips[0].row == 1 and "image_id" in report.skips[0].reason
