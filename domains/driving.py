@@ -33,14 +33,14 @@ DRIVING = Domain(
     sources=[DataSource("driving", "/data/nuscenes", {"version": "v1.0-trainval",
                                                       "drivelm": "/data/drivelm/v1_1_train_nus.json"},
                         name="nuscenes")],
-    train={"epochs": 1},
+    train={"num_train_epochs": 1},
     eval={"max_new_tokens": 96},
     demo=demo,
     # The CPU demo keeps the real pipeline (nuScenes -> stitched 2688x896 -> records -> mixture ->
     # packed training) but gives each image one 448 tile (the whole stitched view), so the random-init
     # tiny model learns the camera question in a few minutes on two cores; real runs use 12 tiles.
-    demo_train={"learning_rate": 3e-3, "warmup_ratio": 0.05, "epochs": 20, "max_tiles": 1, "pack_tokens": 2048,
-                "pack_tiles": 8, "weight_decay": 0.0, "logging_steps": 20, "save_steps": 100, "workers": 1},
+    demo_train={"learning_rate": 3e-3, "warmup_steps": 0.05, "num_train_epochs": 20, "max_tiles": 1, "pack_tokens": 2048,
+                "pack_tiles": 8, "weight_decay": 0.0, "logging_steps": 20, "save_steps": 100, "dataloader_num_workers": 1},
     demo_eval={"holdout": 0.25, "general_holdout": 24, "max_new_tokens": 12, "batch_size": 8},
     examples=["adapt run --domain driving --general-ratio 0.25 --model /models/InternVL2-1B-hf "
               "--data 'driving=/data/nuscenes?version=v1.0-trainval&drivelm=/data/drivelm/v1_1_train_nus.json' "

@@ -28,10 +28,10 @@ MEDICAL = Domain(
     summary="Medical imaging: VQA-RAD, SLAKE, PMC-VQA, PathVQA, DICOM studies",
     sources=[DataSource("vqa-rad", "/data/vqa_rad/VQA_RAD_public.json", name="vqa_rad"),
              DataSource("slake", "/data/slake", {"split": "train"}, name="slake")],
-    train={"epochs": 1},
+    train={"num_train_epochs": 1},
     eval={"max_new_tokens": 32},
     demo=demo,
-    demo_train={"learning_rate": 1e-3, "epochs": 3, "pack_tokens": 8192, "pack_tiles": 28, "workers": 1},
+    demo_train={"learning_rate": 1e-3, "num_train_epochs": 3, "pack_tokens": 8192, "pack_tiles": 28, "dataloader_num_workers": 1},
     demo_eval={"holdout": 0.25, "general_holdout": 16, "max_new_tokens": 16, "batch_size": 8},
     examples=["adapt run --domain medical --general-ratio 0.25 --model /models/InternVL2-2B-hf "
               "--data vqa-rad=/data/vqa_rad/VQA_RAD_public.json --data slake=/data/slake "

@@ -12,7 +12,7 @@ YAML (safe-loaded):
       - {kind: classification, path: /data/crops, options: {choices: lettered}}
     general:
       - {kind: general, path: /data/internvl_sft/meta.json, weight: 1.0}
-    train: {learning_rate: 1.0e-5, epochs: 1, mode: full}
+    train: {learning_rate: 1.0e-5, num_train_epochs: 1, mode: full}
     eval: {holdout: 0.1, general_holdout: 200, max_new_tokens: 32}
 """
 
@@ -21,18 +21,54 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, TypeAdapter, ValidationError, with_config
+from typing_extensions import NotRequired, TypedDict
 
-from adapt.errors import AdaptError
+from adapt.errors import AdaptError, validation_error
 
-# The Mini-InternVL domain-adaptation recipe (REFERENCE.md section 5); drop path is not offered
-# because the native InternViT has no stochastic depth.
-MINI_INTERNVL_TRAIN = {"learning_rate": 1e-5, "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.01,
+# The Mini-InternVL domain-adaptation recipe (REFERENCE.md section 5) in TrainingArguments' names;
+# drop path is not offered because the native InternViT has no stochastic depth.
+MINI_INTERNVL_TRAIN = {"learning_rate": 1e-5, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.01,
                        "max_tiles": 12, "pack": True, "loss_reduction": "square", "max_length": 8192,
                        "precision": "auto", "mode": "full"}
 DEFAULT_EVAL = {"holdout": 0.1, "general_holdout": 64, "max_new_tokens": 64, "batch_size": 4}
+
+
+@with_config(ConfigDict(extra="forbid"))
+class SourceEntry(TypedDict):
+    """A data source as a run config, a recipe or a notebook writes it (declared once, checked by pydantic)."""
+
+    kind: Annotated[StrictStr, Field(min_length=1)]
+    path: Annotated[StrictStr, Field(min_length=1)]
+    options: NotRequired[dict[str, Any]]
+    name: NotRequired[StrictStr | None]
+    weight: NotRequired[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class EvalEntry(TypedDict, total=False):
+    """Evaluation settings: held-out shares (a fraction below 1, or a count) and generation settings."""
+
+    holdout: Annotated[float, Field(gt=0, lt=1)] | Annotated[int, Field(ge=1)]
+    general_holdout: Annotated[float, Field(gt=0, lt=1)] | Annotated[int, Field(ge=0)]
+    max_new_tokens: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=1)]
+
+
+SOURCE = TypeAdapter(SourceEntry)
+EVAL = TypeAdapter(EvalEntry)
+
+
+def check_eval(settings: Any, *, path: str | Path | None = None, prefix: str = "eval") -> dict[str, Any]:
+    """Evaluation settings checked against EvalEntry, or a user error naming the key."""
+    try:
+        return dict(EVAL.validate_python(settings, strict=True))
+    except ValidationError as err:
+        raise validation_error(err, settings, path=path, prefix=prefix,
+                               hint=f"the eval section accepts: {', '.join(DEFAULT_EVAL)}") from None
 
 
 @dataclass
@@ -55,7 +91,7 @@ class DataSource:
 
     @classmethod
     def parse(cls, text: str, *, where: str = "--data") -> DataSource:
-        """`KIND=PATH[?key=value&key=value]`, e.g. `driving=/data/nuscenes?drivelm=/data/v1_1_train.json`."""
+        """`KIND=PATH[?key=value&key=value]`, e.g. `driving=/data/nuscenes?drivelm=/data/v1_1_train_nus.json`."""
         kind, sep, rest = text.partition("=")
         if not sep or not kind or not rest:
             raise AdaptError(f"{where} {text!r} is not KIND=PATH", hint="e.g. --data vqa-rad=/data/vqa_rad")
@@ -66,8 +102,14 @@ class DataSource:
             if not eq:
                 raise AdaptError(f"{where} option {pair!r} is not key=value")
             options[key] = value
-        weight = float(options.pop("weight", 1.0))
-        return cls(kind=kind, path=path, options=options, weight=weight)
+        entry = {"kind": kind, "path": path, "options": options}
+        if "weight" in options:
+            entry["weight"] = options.pop("weight")
+        try:  # lax: a command line gives weight=0.5 as text
+            checked = SOURCE.validate_python(entry)
+        except ValidationError as err:
+            raise validation_error(err, entry, prefix=where, hint="e.g. --data 'general=/data/rows.jsonl?weight=0.5'") from None
+        return cls(**checked)
 
 
 @dataclass
@@ -90,33 +132,47 @@ class Domain:
         return {**DEFAULT_EVAL, **self.eval, **(self.demo_eval if demo else {})}
 
 
+class RecipeFile(BaseModel):
+    """A user recipe YAML: a partial run config (its sources and general data are a run's defaults)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[StrictStr, Field(min_length=1)]
+    summary: StrictStr = ""
+    sources: list[SourceEntry] = Field(default_factory=list)
+    general: list[SourceEntry] = Field(default_factory=list)
+    train: dict[str, Any] = Field(default_factory=dict)
+    eval: EvalEntry = Field(default_factory=dict)
+
+
 def load_yaml_domain(path: str | Path) -> Domain:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdaptError("domain recipe not found", path=path) from None
+    except UnicodeDecodeError:
+        raise AdaptError("domain recipe is not UTF-8 text", path=path) from None
     except yaml.YAMLError as err:
         raise AdaptError(f"domain recipe is not valid YAML ({err})", path=path) from None
     if not isinstance(raw, dict) or "name" not in raw:
         raise AdaptError("a domain recipe is a YAML mapping with at least 'name' and 'sources'", path=path)
-    accepted = ("name", "summary", "sources", "general", "train", "eval")
-    unknown = set(raw) - set(accepted)
+    unknown = sorted(str(key) for key in set(raw) - set(RecipeFile.model_fields))
     if unknown:
-        raise AdaptError(f"unknown key(s) in domain recipe: {', '.join(sorted(unknown))}", path=path,
-                         hint=f"a recipe accepts: {', '.join(accepted)} (see domains/recipe.py)")
+        raise AdaptError(f"unknown key(s) in domain recipe: {', '.join(unknown)}", path=path,
+                         hint=f"a recipe accepts: {', '.join(RecipeFile.model_fields)} (see domains/recipe.py)")
+    try:
+        recipe = RecipeFile.model_validate(raw)
+    except ValidationError as err:
+        raise validation_error(err, raw, path=path, hint="see the recipe example in README.md") from None
 
-    def sources(key: str) -> list[DataSource]:
-        items = raw.get(key) or []
+    def sources(entries: list[SourceEntry]) -> list[DataSource]:
         out = []
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or "kind" not in item or "path" not in item:
-                raise AdaptError(f"{key}[{i}] needs 'kind' and 'path'", path=path)
-            src = Path(item["path"])
-            resolved = src if src.is_absolute() else path.parent / src
-            out.append(DataSource(kind=item["kind"], path=str(resolved), options=dict(item.get("options") or {}),
-                                  name=item.get("name"), weight=float(item.get("weight", 1.0))))
+        for entry in entries:
+            source = DataSource(**entry)
+            if not Path(source.path).is_absolute():  # relative to the recipe file, wherever adapt runs
+                source.path = str(path.resolve().parent / source.path)
+            out.append(source)
         return out
 
-    return Domain(name=str(raw["name"]), summary=str(raw.get("summary", "")), sources=sources("sources"),
-                  general=sources("general"), train=dict(raw.get("train") or {}), eval=dict(raw.get("eval") or {}))
+    return Domain(name=recipe.name, summary=recipe.summary, sources=sources(recipe.sources),
+                  general=sources(recipe.general), train=recipe.train, eval=dict(recipe.eval))

@@ -30,10 +30,10 @@ REMOTE_SENSING = Domain(
     sources=[DataSource("classification", "/data/AID", name="aid"),
              DataSource("grounding", "/data/DIOR-RSVG", {"split": "train"}, name="dior_rsvg"),
              DataSource("rsvqa", "/data/RSVQA_LR", {"split": "train"}, name="rsvqa")],
-    train={"epochs": 1},
+    train={"num_train_epochs": 1},
     eval={"max_new_tokens": 48},
     demo=demo,
-    demo_train={"learning_rate": 1e-3, "epochs": 3, "pack_tokens": 8192, "pack_tiles": 28, "workers": 1},
+    demo_train={"learning_rate": 1e-3, "num_train_epochs": 3, "pack_tokens": 8192, "pack_tiles": 28, "dataloader_num_workers": 1},
     demo_eval={"holdout": 0.25, "general_holdout": 16, "max_new_tokens": 16, "batch_size": 8},
     examples=["adapt run --domain remote_sensing --general-ratio 0.25 --model /models/InternVL2-4B-hf "
               "--data classification=/data/AID --data 'grounding=/data/DIOR-RSVG?split=train' "

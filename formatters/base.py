@@ -12,7 +12,6 @@ images, else the source folder (no copies of images the source already has).
 from __future__ import annotations
 
 import json
-import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -20,11 +19,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from PIL import Image
+from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
 from adapt.data import records as rec
 from adapt.data.images import decode_rgb, image_size
-from adapt.errors import AdaptError, Report
+from adapt.errors import AdaptError, Report, validation_problems
 from adapt.fileio import atomic_dir, resolve_inside
 
 Generator = Callable[..., Iterator[rec.Record]]
@@ -100,37 +100,37 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".
 # Shared helpers (options, JSON, images)
 # --------------------------------------------------------------------------------------------------
 
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _coerce(kind: str, name: str, value: Any, hint: Any) -> Any:
-    """Options may come from a command line as strings: turn "true"/"5"/"a,b" into the declared type."""
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    bare = {typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,))}
-    if isinstance(value, str) and str not in bare:
-        text = value.strip()
-        if bool in bare and text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
-        if int in bare and text.lstrip("-").isdigit():
-            return int(text)
-        if list in bare:
-            return [part.strip() for part in text.split(",") if part.strip()]
-    wrong_bool = isinstance(value, bool) and bool not in bare
-    if wrong_bool or not any(isinstance(value, b) for b in bare if isinstance(b, type)):
-        expected = " or ".join(sorted("none" if b is type(None) else b.__name__ for b in bare if isinstance(b, type)))
-        raise AdaptError(f"option {name}={value!r} of the {kind} formatter has the wrong type (expected {expected})")
-    return value
+def option(kind: str, name: str, value: Any, declared: Any) -> Any:
+    """One formatter option as its declared type (pydantic, lax: a command line gives "5", "true");
+    a wrong value is a user error naming the formatter, the option and what was given."""
+    try:
+        return TypeAdapter(declared).validate_python(value)
+    except ValidationError as err:
+        raise AdaptError(f"{kind} formatter option " + "; ".join(validation_problems(value, err, name)),
+                         hint=f"see the {kind} formatter's docstring for its options") from None
 
 
 def parse_options(spec: type[T], options: dict[str, Any], kind: str) -> T:
-    """Build an options dataclass, naming unknown options instead of raising a TypeError traceback."""
-    known = {f.name for f in fields(spec)}  # type: ignore[arg-type]
-    unknown = sorted(set(options) - known)
+    """Build an options dataclass, naming unknown options instead of raising a TypeError traceback.
+    A comma-separated string stands for a list (`--opt subset=a,b`) where the option takes no string."""
+    known = {f.name: f.type for f in fields(spec)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise AdaptError(f"unknown option(s) {', '.join(unknown)} for the {kind} formatter",
                          hint="known options: " + ", ".join(sorted(known)))
     hints = typing.get_type_hints(spec)
-    return spec(**{k: _coerce(kind, k, v, hints[k]) for k, v in options.items()})
+    values = {key: value.split(",") if isinstance(value, str) and _list_not_str(hints[key]) else value
+              for key, value in options.items()}
+    try:
+        return TypeAdapter(spec).validate_python(values)
+    except ValidationError as err:
+        raise AdaptError(f"{kind} formatter option " + "; ".join(validation_problems(values, err)),
+                         hint="known options: " + ", ".join(sorted(known))) from None
+
+
+def _list_not_str(declared: Any) -> bool:
+    args = typing.get_args(declared) or (declared,)
+    return str not in args and any(typing.get_origin(a) is list for a in args)
 
 
 def choose(kind: str, name: str, value: str, allowed: Sequence[str]) -> str:

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 
 from adapt.data import boxes as bx
 from adapt.data import records as rec
-from adapt.errors import AdaptError, Report
+from adapt.errors import AdaptError, Report, validation_problems
 from formatters.base import Formatter, ImageChecker, choose, iter_json_rows, load_json, parse_options, turn
 
 FORMATS = ("auto", "coco", "refcoco", "voc", "jsonl")
@@ -278,7 +278,7 @@ def _read_coco(source: Path, report: Report, opts: ReaderOptions, name: str, gro
             CocoAnnotation.model_validate(ann)
         except ValidationError as err:
             report.read += 1
-            report.skip("annotation " + "; ".join(rec.schema_problems(ann, err)), path=source, row=row)
+            report.skip("annotation " + "; ".join(validation_problems(ann, err)), path=source, row=row)
             continue
         if ann.get("iscrowd"):
             report.stats["crowd_annotations_dropped"] = report.stats.get("crowd_annotations_dropped", 0) + 1

@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 import formatters
+from adapt import api
+from adapt.cli import main
 from adapt.data import mixing
 from adapt.data.records import normalize, problems, read_jsonl, read_meta
 from adapt.errors import AdaptError, Report
-from adapt.training.trainer import TrainConfig, make_builder
+from adapt.training.trainer import TrainConfig, make_builder, train
 from formatters.base import run as run_formatter
+from formatters.synthetic import sources as syn
 
 TILE = 448
 
@@ -159,3 +164,121 @@ def test_coco_image_id_of_the_wrong_type_is_a_counted_skip(tmp_path):
                            progress=False)
     assert report.written == 1 and len(report.skips) == 1
     assert report.skips[0].row == 1 and "image_id" in report.skips[0].reason
+
+
+# ------------------------------------------------------------------------------------------------
+# the run configuration: one parser, ranges where declared, recipes as partial run configs
+# ------------------------------------------------------------------------------------------------
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def cli(capsys, *argv: str | Path) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    return code, captured.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--grad-accum", "0"), "train.gradient_accumulation_steps: input should be greater than or equal to 1"),
+    (("--seed", "-1"), "seed: input should be greater than or equal to 0"),
+    (("--name", "../../x"), "a run name is one folder name inside --runs-dir"),
+    (("--name", "/tmp/elsewhere"), "a run name is one folder name inside --runs-dir"),
+])
+def test_run_options_out_of_range_are_user_errors(capsys, tmp_path, flags, message):
+    """--grad-accum 0 and --seed -1 used to end in tracebacks inside the Trainer; --name ../../x
+    wrote its run directory outside --runs-dir."""
+    runs = tmp_path / "a" / "b" / "runs"
+    code, err = cli(capsys, "run", *flags, "--runs-dir", runs, "--quiet", "--no-export")
+    assert code == 2 and message in err, err
+    assert not runs.exists() and not (tmp_path / "a" / "x").exists()
+
+
+@pytest.mark.parametrize("text, where", [
+    ("data: [5]\n", "data[0]: input should be a valid dictionary"),
+    ("eval: {holdout: abc}\n", "eval.holdout: "),
+    ("general_ratio: 1.5\n", "general_ratio: input should be less than 1"),
+    ("data: [{kind: general, path: x.jsonl, weight: -1}]\n", "data[0].weight: input should be greater than 0"),
+])
+def test_run_config_values_of_the_wrong_type_name_file_and_key(tmp_path, text, where):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(AdaptError, match=re.escape(where)) as caught:
+        api.load_config_file(path)
+    assert caught.value.path == path
+
+
+def test_train_options_of_the_wrong_range_name_the_key():
+    with pytest.raises(AdaptError, match=re.escape("train.num_train_epochs: input should be greater than 0")):
+        api.resolve(api.RunConfig(train={"num_train_epochs": 0}))
+
+
+YAML_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                           | st.text(max_size=6), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+RUN_KEYS = st.sampled_from(["domain", "model", "general_ratio", "mix_by", "upsample", "seed", "data", "general",
+                            "train", "eval", "strict", "runs_dir", "name"]) | st.text(max_size=5)
+TRAIN_KEYS = st.sampled_from(["learning_rate", "num_train_epochs", "gradient_accumulation_steps", "max_tiles",
+                              "mode", "seed", "optim", "adam_beta2", "gradient_checkpointing", "bf16", "lr"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(YAML_VALUES | st.dictionaries(RUN_KEYS, YAML_VALUES | st.dictionaries(TRAIN_KEYS, YAML_VALUES, max_size=3),
+                                     max_size=4))
+def test_any_yaml_run_config_is_a_config_or_an_error_naming_the_file(value):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "run.yaml"
+        path.write_text(yaml.safe_dump(value))
+        try:
+            config = api.load_config_file(path)
+        except AdaptError as err:
+            assert err.path == path and err.message
+            return
+    assert 0 <= config.general_ratio < 1 and config.seed >= 0
+    try:
+        TrainConfig.from_dict(config.train)
+    except AdaptError as err:
+        assert err.message.startswith(("train.", "unknown training option", "training option", "unknown", "partial"))
+
+
+def test_training_arguments_fields_pass_through_to_the_trainer(tmp_path, tiny):
+    """A TrainingArguments field adapt has no option for reaches the Trainer as given."""
+    from helpers import fast_config, write_records
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.update(optim=args.optim, adam_beta2=args.adam_beta2)
+
+    config = TrainConfig.from_dict({**fast_config(max_steps=1).to_dict(), "optim": "adamw_torch",
+                                    "adam_beta2": 0.95})
+    train(tiny, write_records(tmp_path / "data", 1, 1), config, tmp_path / "out", progress=False,
+          callbacks=[Capture()])
+    assert seen == {"optim": "adamw_torch", "adam_beta2": 0.95}
+
+
+@pytest.mark.slow
+def test_readme_recipe_example_runs_verbatim(tmp_path, monkeypatch, capsys):
+    """The README's own-domain recipe and command, as printed there, on synthetic folders laid out
+    as the README says (it used to stop with "domain 'crops' has no demo data")."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("**Your own domain**"):]
+    recipe = section[section.index("```yaml\n") + 8:section.index("```\n", section.index("```yaml\n") + 8)]
+    command = next(line.strip() for line in section.splitlines() if line.strip().startswith("adapt run --domain"))
+    syn.write_class_folders(tmp_path / "crops", per_class=4)
+    syn.write_internvl_meta(tmp_path / "general")
+    (tmp_path / "crops.yaml").write_text(recipe, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    code = main(shlex.split(command)[1:])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out[out.rindex('{\n  "run_dir"'):])
+    run_dir = Path(result["run_dir"])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert [(s["kind"], Path(s["path"])) for s in saved["run"]["data"]] == [("classification", tmp_path / "crops")]
+    assert saved["train"]["num_train_epochs"] == 2 and saved["train"]["max_tiles"] == 6
+    manifest = json.loads((run_dir / "data" / "mixture" / "manifest.json").read_text())
+    assert set(manifest["sources"]) == {"crops", "ds_a", "ds_b"} or len(manifest["sources"]) >= 2, manifest
+    assert result["domain_after"] is not None

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from adapt.errors import AdaptError, Report
+from adapt.errors import AdaptError, Report, validation_problems
 from adapt.fileio import atomic_write, resolve_inside
 
 Record = dict[str, Any]
@@ -49,32 +49,6 @@ class RecordSchema(BaseModel):
     video: Annotated[StrictStr, Field(min_length=1)] | None = None
     conversations: list[Turn] = Field(min_length=1)
     meta: dict[str, Any] = Field(default_factory=dict)
-
-
-def field_path(value: Any, loc: tuple[int | str, ...]) -> str:
-    """A pydantic error location as the JSON path a user reads (conversations[2].value): parts that
-    are not keys or indexes of `value` (the names of union branches) are left out."""
-    out = ""
-    for part in loc:
-        if isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
-            out, value = f"{out}[{part}]", value[part]
-        elif isinstance(value, dict):
-            out, value = f"{out}.{part}" if out else str(part), value.get(part)
-    return out or "row"
-
-
-def schema_problems(value: Any, error: ValidationError) -> list[str]:
-    """One sentence per wrong field: its path, what was expected and what was found."""
-    seen: dict[str, str] = {}
-    for item in error.errors(include_url=False):
-        where = field_path(value, item["loc"])
-        if where not in seen:  # a union reports each branch; the first says enough
-            found = item.get("input")
-            shown = "missing" if item["type"] == "missing" else f"got {json.dumps(found, default=str)[:60]}"
-            seen[where] = f"{where}: {item['msg'].lower()} ({shown})"
-    # a union reports its outer branch too (image: not a string) when the list branch found the real fault
-    return [text for where, text in seen.items()
-            if not any(other.startswith((f"{where}[", f"{where}.")) for other in seen)]
 
 
 def images_of(record: Record) -> list[str]:
@@ -116,7 +90,7 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
     try:
         RecordSchema.model_validate(record)
     except ValidationError as err:
-        return schema_problems(record, err)
+        return validation_problems(record, err)
     out: list[str] = []
     convs = record["conversations"]
     turns = list(convs)
@@ -266,7 +240,7 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         try:
             checked = MetaEntry.model_validate(entry)
         except ValidationError as err:
-            raise AdaptError(f"entry {name!r}: " + "; ".join(schema_problems(entry, err)), path=path,
+            raise AdaptError(f"entry {name!r}: " + "; ".join(validation_problems(entry, err)), path=path,
                              hint="an entry is {\"root\": folder, \"annotation\": file, \"repeat_time\": number > 0, "
                                   "\"max_dynamic_patch\": integer >= 1}") from None
         base = path.parent
