@@ -224,8 +224,11 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
         for item in items:
             out = formatted_dir / item.label
             format_source(item, out, strict=config.strict)
-            bucket.extend(mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label, report=report,
-                                              seed=seed))
+            loaded_sources = mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label, report=report,
+                                                 seed=seed)
+            for source in loaded_sources if item.max_tiles else ():
+                mixing.limit_tiles(source, item.max_tiles)
+            bucket.extend(loaded_sources)
     heldout: dict[str, list[tuple[Record, str]]] = {"domain": [], "general": []}
     train_domain, train_general = [], []
     for kind, sources, keep, size in (("domain", domain_sources, train_domain, eval_settings["holdout"]),

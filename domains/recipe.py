@@ -46,6 +46,7 @@ class SourceEntry(TypedDict):
     options: NotRequired[dict[str, Any]]
     name: NotRequired[StrictStr | None]
     weight: NotRequired[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+    max_tiles: NotRequired[Annotated[int, Field(ge=1)] | None]  # this source's tile budget, below the run's
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -80,6 +81,7 @@ class DataSource:
     options: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
     weight: float = 1.0
+    max_tiles: int | None = None
 
     @property
     def label(self) -> str:
@@ -87,7 +89,7 @@ class DataSource:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.path), "options": self.options, "name": self.label,
-                "weight": self.weight}
+                "weight": self.weight, "max_tiles": self.max_tiles}
 
     @classmethod
     def parse(cls, text: str, *, where: str = "--data") -> DataSource:
@@ -103,8 +105,9 @@ class DataSource:
                 raise AdaptError(f"{where} option {pair!r} is not key=value")
             options[key] = value
         entry = {"kind": kind, "path": path, "options": options}
-        if "weight" in options:
-            entry["weight"] = options.pop("weight")
+        for key in ("weight", "max_tiles"):  # the mixing and tiling settings, not formatter options
+            if key in options:
+                entry[key] = options.pop(key)
         try:  # lax: a command line gives weight=0.5 as text
             checked = SOURCE.validate_python(entry)
         except ValidationError as err:

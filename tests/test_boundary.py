@@ -72,6 +72,9 @@ def test_max_tiles_above_12_reaches_training(tmp_path, tiny):
     assert builder.plan(record, loaded.root).tiles == expected
     assert builder.build(record, loaded.root).tiles.shape[0] == expected
 
+    mixing.limit_tiles(loaded, 6)  # a source's own budget in the run config (`max_tiles: 6`) lowers it
+    assert builder.plan(record, loaded.root).tiles == official_tiles(24 * TILE, TILE, 6) == 7
+
 
 # ------------------------------------------------------------------------------------------------
 # records and meta files: any JSON value gives a valid record or a counted skip with file:line

@@ -127,6 +127,15 @@ def load_sources_from_meta(path: str | Path, *, kind: str, weight: float = 1.0, 
             for n, root, records, max_tiles in loaded]
 
 
+def limit_tiles(source: Source, max_tiles: int) -> None:
+    """A per-source tile budget from the run config: each record's `meta.max_tiles`, which can lower
+    the run's max_tiles for this source's images (never raise it)."""
+    source.max_tiles = min(source.max_tiles or max_tiles, max_tiles)
+    for record in source.records:
+        meta = record.setdefault("meta", {})
+        meta["max_tiles"] = min(meta.get("max_tiles") or max_tiles, max_tiles)
+
+
 def _jsonl_source(path: Path, name: str, kind: str, weight: float, report: Report) -> Source:
     _check_kind_weight(name, kind, weight)
     root = str(path.parent.resolve())
