@@ -21,10 +21,8 @@ import os
 import platform
 import shutil
 import time
-import types
-import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +35,8 @@ from tqdm import tqdm
 import formatters
 from adapt import console, preflight
 from adapt.checkpoints import models
+from adapt.config import RunConfig, parse_run_config, read_run_config
+from adapt.config import load_config_file as load_config_file  # the CLI and notebooks read configs here
 from adapt.data import filtering, mixing
 from adapt.data.records import Record
 from adapt.data.samples import SampleBuilder
@@ -47,7 +47,7 @@ from adapt.fileio import atomic_write_text
 from adapt.training.trainer import TrainConfig, make_builder, train
 from domains import DataSource, Domain
 from domains import get as get_domain
-from domains.recipe import DEFAULT_EVAL
+from domains.recipe import check_eval
 from formatters.base import run as run_formatter
 
 KEY_PACKAGES = ("adapt", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "nuscenes-devkit",
@@ -98,109 +98,18 @@ def agreed(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class RunConfig:
-    """Everything that defines a run; written to <run>/config.yaml and read back by --resume."""
-
-    domain: str = "driving"
-    model: str | None = None  # None: the demo (tiny preset) when no data is given
-    general_ratio: float = 0.25
-    mix_by: str = "samples"
-    upsample: bool = False
-    seed: int = 0
-    data: list[dict[str, Any]] = field(default_factory=list)  # DataSource dicts; empty: the domain demo
-    general: list[dict[str, Any]] = field(default_factory=list)
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
-    eval: dict[str, Any] = field(default_factory=dict)
-    filter: dict[str, Any] = field(default_factory=dict)  # FilterConfig settings over the recipe's; {}: no filter
-    stages: list[dict[str, Any]] = field(default_factory=list)  # staged training (adapt.training.stages); empty: one stage
-    strict: bool = False
-    runs_dir: str = "runs"
-    name: str | None = None
-
-    @property
-    def demo(self) -> bool:
-        return not self.data
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-def _read_yaml(path: Path) -> Any:
-    """Safe-load a YAML file (tags like !!python/object are refused, never executed)."""
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdaptError("config file not found", path=path) from None
-    except UnicodeDecodeError:
-        raise AdaptError("config file is not UTF-8 text", path=path) from None
-    except yaml.YAMLError as err:
-        raise AdaptError(f"config file is not valid YAML ({err})", path=path,
-                         hint="fix the YAML at the line shown (plain keys and values only)") from None
-
-
-def check_run_options(options: dict[str, Any], path: Path | None = None) -> None:
-    """Refuse unknown keys and values of the wrong type (`general_ratio: a quarter`) with the file
-    named, before anything runs: RunConfig itself accepts anything and would fail much later."""
-    fields = RunConfig.__dataclass_fields__
-    unknown = set(options) - set(fields)
-    if unknown:
-        raise AdaptError(f"unknown config key(s): {', '.join(sorted(unknown))}", path=path,
-                         hint=f"accepted: {', '.join(fields)}")
-    hints = typing.get_type_hints(RunConfig)
-    for key, value in options.items():
-        hint = hints[key]
-        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        kinds = tuple({typing.get_origin(a) or a for a in allowed})
-        ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
-        ok = ok or (float in kinds and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            raise AdaptError(f"config key {key} is {value!r} ({type(value).__name__}), expected {expected}",
-                             path=path, hint=f"e.g. {key}: {getattr(RunConfig(), key)!r}")
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A run config YAML (configs/<domain>/<model>.yaml): RunConfig keys, safe-loaded and checked."""
-    path = Path(path)
-    raw = _read_yaml(path) or {}
-    if not isinstance(raw, dict):
-        raise AdaptError("a config file is a YAML mapping of run options", path=path)
-    check_run_options(raw, path)
-    return raw
-
-
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    """The RunConfig a run directory's config.yaml saved (for --resume, eval and export)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise AdaptError("not a run directory (no config.yaml)", path=run_dir)
-    raw = _read_yaml(path)
-    saved = raw.get("run") if isinstance(raw, dict) else None
-    if not isinstance(saved, dict):
-        raise AdaptError("config.yaml has no 'run' mapping", path=path,
-                         hint="this file is written at the start of every run; restore it or start a new run")
-    check_run_options(saved, path)
-    return RunConfig(**saved)
-
-
 def resolve(config: RunConfig) -> tuple[Domain, TrainConfig, dict[str, Any]]:
     """The domain recipe, the full TrainConfig (recipe defaults < config) and eval settings."""
-    check_run_options(config.to_dict())
     domain = get_domain(config.domain)
-    if not 0 <= config.general_ratio < 1:
-        raise AdaptError(f"--general-ratio {config.general_ratio} is outside [0, 1)",
-                         hint="0 trains on domain data only; 0.25 makes a quarter of the samples general")
+    if config.demo and domain.demo is None and domain.sources:  # a recipe is a partial run config
+        config.data = [source.to_dict() for source in domain.sources]
     if config.demo and domain.demo is None:
-        raise AdaptError(f"domain {domain.name!r} has no demo data", hint="pass --data KIND=PATH")
-    train_config = TrainConfig.from_dict({**domain.train_defaults(config.demo), "seed": config.seed, **config.train})
+        raise AdaptError(f"domain {domain.name!r} has no demo data and its recipe names no sources",
+                         hint="pass --data KIND=PATH, or list sources in the recipe")
+    train_config = TrainConfig.from_dict({**domain.train_defaults(config.demo), "seed": config.seed, **config.train},
+                                         path=config.source_file)
     filtering.FilterConfig.from_dict({**domain.filter, **config.filter})  # bad settings fail before any work
-    eval_settings = {**domain.eval_settings(config.demo), **config.eval}
-    unknown = sorted(set(eval_settings) - set(DEFAULT_EVAL))
-    if unknown:
-        raise AdaptError(f"unknown eval setting(s): {', '.join(unknown)}",
-                         hint=f"the eval section of a recipe or run config accepts: {', '.join(DEFAULT_EVAL)}")
+    eval_settings = check_eval({**domain.eval_settings(config.demo), **config.eval}, path=config.source_file)
     return domain, train_config, eval_settings
 
 
@@ -317,8 +226,11 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
             for item in items:
                 out = formatted_dir / item.label
                 format_source(item, out, strict=config.strict, progress=bar)
-                bucket.extend(mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label,
-                                                  report=report, seed=seed))
+                loaded_sources = mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label,
+                                                     report=report, seed=seed)
+                for source in loaded_sources if item.max_tiles else ():
+                    mixing.limit_tiles(source, item.max_tiles)
+                bucket.extend(loaded_sources)
     heldout: dict[str, list[tuple[Record, str]]] = {"domain": [], "general": []}
     holdout: dict[str, Any] = {}  # per source: the grouping of its held-out split, for the manifest
     train_domain, train_general = [], []
@@ -420,10 +332,7 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
         config = read_run_config(run_dir)
     else:
         config = config or RunConfig()
-        for key, value in overrides.items():
-            if key not in RunConfig.__dataclass_fields__:
-                raise AdaptError(f"unknown run option {key!r}")
-            setattr(config, key, value)
+        config = parse_run_config({**config.to_dict(), **overrides}) if overrides else config
         run_dir = None
     domain, train_config, eval_settings = resolve(config)
     if config.stages:  # a bad stage fails here, before any data step or training
@@ -445,7 +354,7 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
             say(f"no --data given: running the {domain.name} DEMO (synthetic data in the real formats, "
                 f"the random-init '{DEMO_MODEL}' model on {'GPU' if torch.cuda.is_available() else 'CPU'})")
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
-            {"run": config.to_dict(), "train": train_config.__dict__, "eval": eval_settings,
+            {"run": config.to_dict(), "train": train_config.to_dict(), "eval": eval_settings,
              "versions": package_versions()}, sort_keys=False))
     loaded = load_model(config, train_config)
     with state.main_process_first():  # the others then load the mixture the main process saved
@@ -497,7 +406,7 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
             card = {"base_model": config.model or f"{DEMO_MODEL} (random init demo)", "domain": domain.name,
                     "mixture": json.loads((run_dir / "data" / "mixture" / "manifest.json").read_text()),
                     "metrics": {"before": _headlines(before), "after": _headlines(after)},
-                    "training": train_config.__dict__}
+                    "training": train_config.to_dict()}
             export_dir = export_model(model, loaded.tokenizer, loaded.template, export_dir, card=card,
                                       overwrite=True, max_tiles=train_config.max_tiles)
             say(f"exported to {export_dir}")
@@ -523,7 +432,7 @@ def base_eval_cache(shared_dir: Path | None, config: RunConfig, train_config: Tr
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model).glob("*")) \
         if Path(model).is_dir() else []
     key = json.dumps({"heldout": hashlib.sha256(heldout_file.read_bytes()).hexdigest(), "model": model,
-                      "files": files, "seed": config.seed, "train": train_config.__dict__, "eval": eval_kwargs},
+                      "files": files, "seed": config.seed, "train": train_config.to_dict(), "eval": eval_kwargs},
                      sort_keys=True, default=str)
     return shared_dir / "base-eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
@@ -646,7 +555,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False)
     card = {"base_model": config.model or f"{DEMO_MODEL} (random init demo)", "domain": config.domain,
             "mixture": json.loads(manifest.read_text()) if manifest.is_file() else None,
             "metrics": _headlines(json.loads(after.read_text())) if after.is_file() else None,
-            "training": train_config.__dict__}
+            "training": train_config.to_dict()}
     return export_model(loaded.model, loaded.tokenizer, loaded.template, out, card=card, overwrite=overwrite,
                         max_tiles=train_config.max_tiles)
 

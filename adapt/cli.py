@@ -36,21 +36,11 @@ def _options(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    mapping = {"mode": "mode", "partial": "partial", "lr": "learning_rate", "epochs": "epochs",
-               "max_steps": "max_steps", "grad_accum": "grad_accum", "max_tiles": "max_tiles",
-               "max_length": "max_length", "loss_reduction": "loss_reduction", "precision": "precision",
-               "save_steps": "save_steps", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "workers": "workers",
-               "system": "system"}
-    out = {key: getattr(args, arg) for arg, key in mapping.items() if getattr(args, arg, None) is not None}
-    if args.no_pack:
-        out["pack"] = False
-    if args.gradient_checkpointing:
-        out["gradient_checkpointing"] = True
-    if args.lora_vision:
-        out["lora_vision"] = True
-    out.update(_options(args.train_opt))
-    return out
+# `adapt run` flags that set a training option: their argparse dest is the option's name
+# (TrainConfig / TrainingArguments), so no table translates between the two.
+TRAIN_FLAGS = ("mode", "partial", "learning_rate", "num_train_epochs", "max_steps", "gradient_accumulation_steps",
+               "max_tiles", "max_length", "loss_reduction", "precision", "save_steps", "lora_r", "lora_alpha",
+               "lora_vision", "dataloader_num_workers", "system", "pack", "gradient_checkpointing")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -60,14 +50,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         api.run(resume=args.resume, progress=not args.quiet)
         return 0
-    config_data: dict[str, Any] = api.load_config_file(args.config) if args.config else {}
-    config = api.RunConfig(**config_data)
-    if args.domain:
-        config.domain = args.domain
-    if args.general_ratio is not None:
-        config.general_ratio = args.general_ratio
-    for attr in ("model", "mix_by", "seed", "runs_dir", "name"):
-        if getattr(args, attr) is not None:
+    config = api.load_config_file(args.config) if args.config else api.RunConfig()
+    for attr in ("domain", "general_ratio", "model", "mix_by", "seed", "runs_dir", "name"):
+        if getattr(args, attr) is not None:  # flags override the config file, checked as it is
             setattr(config, attr, getattr(args, attr))
     if args.data:
         config.data = [DataSource.parse(d).to_dict() for d in args.data]
@@ -76,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           for g in args.general]
     config.upsample = config.upsample or args.upsample
     config.strict = config.strict or args.strict
-    config.train = {**config.train, **_train_overrides(args)}
+    flags = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    config.train = {**config.train, **flags, **_options(args.train_opt)}
     if args.blind:
         config.eval = {**config.eval, "blind": True}
     result = api.run(config, export=not args.no_export, progress=not args.quiet)
@@ -218,10 +204,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", help="continue the run in this run directory from its last complete checkpoint")
     run.add_argument("--mode", choices=["full", "partial", "lora"])
     run.add_argument("--partial", help="mlp | mlp+llm | vit-last-N")
-    run.add_argument("--lr", type=float)
-    run.add_argument("--epochs", type=float)
+    run.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float)
+    run.add_argument("--epochs", "--num-train-epochs", dest="num_train_epochs", type=float)
     run.add_argument("--max-steps", type=int)
-    run.add_argument("--grad-accum", type=int)
+    run.add_argument("--grad-accum", "--gradient-accumulation-steps", dest="gradient_accumulation_steps", type=int)
     run.add_argument("--max-tiles", type=int)
     run.add_argument("--max-length", type=int)
     run.add_argument("--loss-reduction", choices=["token", "sample", "square"])
@@ -229,12 +215,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--save-steps", type=int)
     run.add_argument("--lora-r", type=int)
     run.add_argument("--lora-alpha", type=int)
-    run.add_argument("--lora-vision", action="store_true")
-    run.add_argument("--workers", type=int)
+    run.add_argument("--lora-vision", action="store_const", const=True)
+    run.add_argument("--workers", "--dataloader-num-workers", dest="dataloader_num_workers", type=int)
     run.add_argument("--system", help="system message: default (the template's official one, the default), none, or your own text")
-    run.add_argument("--no-pack", action="store_true")
-    run.add_argument("--gradient-checkpointing", action="store_true")
-    run.add_argument("--train-opt", action="append", help="any TrainConfig key=value")
+    run.add_argument("--no-pack", dest="pack", action="store_const", const=False)
+    run.add_argument("--gradient-checkpointing", action="store_const", const="all")
+    run.add_argument("--train-opt", action="append",
+                     help="any TrainConfig option or transformers.TrainingArguments field, key=value")
     run.add_argument("--seed", type=int)
     run.add_argument("--upsample", action="store_true", help="allow repeating general sources that are too small")
     run.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 
 class AdaptError(Exception):
     """An error the user can fix; its text names the file/row and the fix."""
@@ -29,6 +31,42 @@ class AdaptError(Exception):
             where = f"{self.path}:{self.row}: " if self.row is not None else f"{self.path}: "
         text = f"{where}{self.message}"
         return f"{text}\n  hint: {self.hint}" if self.hint else text
+
+
+def field_path(value: Any, loc: tuple[int | str, ...], prefix: str = "") -> str:
+    """A pydantic error location as the path a user reads (conversations[2].value, train.seed):
+    parts that are not keys or indexes of `value` (the names of union branches) are left out."""
+    out = prefix
+    for part in loc:
+        if isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            out, value = f"{out}[{part}]", value[part]
+        elif isinstance(value, dict):
+            out, value = f"{out}.{part}" if out else str(part), value.get(part)
+    return out or "value"
+
+
+def validation_problems(value: Any, error: ValidationError, prefix: str = "") -> list[str]:
+    """One sentence per wrong field of `value`: its path, what was expected and what was found."""
+    seen: dict[str, str] = {}
+    for item in error.errors(include_url=False):
+        where = field_path(value, item["loc"], prefix)
+        if where not in seen:  # a union reports each branch; the first says enough
+            if item["type"] == "missing":
+                shown = "missing"
+            elif item["type"] == "extra_forbidden":
+                shown = "not an accepted key"
+            else:
+                shown = f"got {json.dumps(item.get('input'), default=str)[:60]}"
+            seen[where] = f"{where}: {item['msg'][0].lower()}{item['msg'][1:]} ({shown})"
+    # a union reports its outer branch too (image: not a string) when the list branch found the real fault
+    return [text for where, text in seen.items()
+            if not any(other.startswith((f"{where}[", f"{where}.")) for other in seen)]
+
+
+def validation_error(error: ValidationError, value: Any, *, path: str | Path | None = None, prefix: str = "",
+                     hint: str | None = None) -> AdaptError:
+    """A pydantic ValidationError as the user error the CLI prints (file, key path, accepted values)."""
+    return AdaptError("; ".join(validation_problems(value, error, prefix)), path=path, hint=hint)
 
 
 @dataclass

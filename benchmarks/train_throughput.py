@@ -161,7 +161,7 @@ def plan_rows(root: Path, loaded, config: TrainConfig, total_steps: int) -> Plan
         planned = plan_all(builder, entries, Report(name="bench"))
         assert all(p is not None for p in planned), "a synthetic record was dropped"
         lengths, tiles = [p.length for p in planned], [p.tiles for p in planned]
-        sampler = RankBatchSampler(lengths, tiles, pack=config.pack, batch_size=config.batch_size,
+        sampler = RankBatchSampler(lengths, tiles, pack=config.pack, batch_size=config.per_device_train_batch_size,
                                    max_tokens=config.pack_tokens, max_tiles=config.pack_tiles, seed=config.seed)
         if len(sampler) >= total_steps:
             rows = [[i for i, _, _ in row] for row in sampler][:total_steps]
@@ -347,7 +347,7 @@ def run_baseline(plan: Plan, preset: str, dtype: str | None, config: TrainConfig
     shape = model_shape(model)
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=1, max_steps=len(plan.rows),
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, logging_steps=10**9,
         save_strategy="no", report_to="none", remove_unused_columns=False, dataloader_num_workers=workers,
         train_sampling_strategy="sequential", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
@@ -365,7 +365,7 @@ def fast_variants(ablate: set[str], config: TrainConfig, plan: Plan, on_gpu: boo
     variants = [("fast", {})]
     if "pack" in ablate:
         per_row = max(1, round(sum(len(r) for r in plan.rows) / len(plan.rows)))
-        variants.append(("fast -pack", {"pack": False, "batch_size": per_row}))
+        variants.append(("fast -pack", {"pack": False, "per_device_train_batch_size": per_row}))
     if "logits" in ablate:
         variants.append(("fast logits=full", {"logits": "full"}))
     if "normalize" in ablate:
@@ -376,10 +376,10 @@ def fast_variants(ablate: set[str], config: TrainConfig, plan: Plan, on_gpu: boo
     if "gc" in ablate:
         variants += [(f"fast gc={choice}", {"gradient_checkpointing": choice})
                      for choice in gc_variants if choice != config.gradient_checkpointing]
-    if "workers" in ablate and resolve_workers(config.workers) != 0:
-        variants.append(("fast workers=0", {"workers": 0}))
+    if "workers" in ablate and resolve_workers(config.dataloader_num_workers) != 0:
+        variants.append(("fast dataloader_num_workers=0", {"dataloader_num_workers": 0}))
     if "pin" in ablate and on_gpu:
-        variants.append(("fast -pin", {"pin_memory": False}))
+        variants.append(("fast -pin", {"dataloader_pin_memory": False}))
     return variants
 
 
@@ -518,20 +518,20 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 config = TrainConfig(**MODES[mode], max_steps=total, pack_tokens=args.pack_tokens,
                                      pack_tiles=args.pack_tiles, max_tiles=args.max_tiles, precision=precision,
                                      gradient_checkpointing=checkpointing, attn_implementation="auto",
-                                     workers=args.workers, logging_steps=10**9, save_steps=10**9, warmup_ratio=0.0)
+                                     dataloader_num_workers=args.workers, logging_steps=10**9, save_steps=10**9, warmup_steps=0.0)
                 config.validate()
                 with torch.device("meta"):  # planning needs the tokenizer and the geometry only
                     source = load(preset, seed=0)
                 plan = plan_rows(root, source, config, total)
                 summary = summary or describe_data(plan)
-                workers = resolve_workers(config.workers)
+                workers = resolve_workers(config.dataloader_num_workers)
                 results.append(measure(Result(size, mode, "baseline"), plan, args.warmup, source.tokens_per_tile,
                                        run_baseline, plan, preset, dtype, config, workers,
                                        Path(tmp) / f"{size}-{mode}-baseline"))
                 progress(results[-1])
                 ablations = set(args.ablate) if mode in ablate_modes else set()
                 for label, overrides in fast_variants(ablations, config, plan, on_gpu, args.gc_variants):
-                    variant = TrainConfig(**{**config.__dict__, **overrides})
+                    variant = TrainConfig(**{**config.to_dict(), **overrides})
                     variant.validate()
                     variant_plan = plan if variant.pack else plan_rows(root, source, variant, total)
                     out = Path(tmp) / f"{size}-{mode}-{label.replace(' ', '_')}"

@@ -33,7 +33,7 @@ DRIVING = Domain(
     sources=[DataSource("driving", "/data/nuscenes", {"version": "v1.0-trainval",
                                                       "drivelm": "/data/drivelm/v1_1_train_nus.json"},
                         name="nuscenes")],
-    train={"epochs": 1},
+    train={"num_train_epochs": 1},
     eval={"max_new_tokens": 96},
     demo=demo,
     # The CPU demo keeps the real pipeline (nuScenes -> stitched 2688x896 -> records -> mixture ->

@@ -33,7 +33,7 @@ MEDICAL = Domain(
     summary="Medical imaging: VQA-RAD, SLAKE, PMC-VQA, PathVQA, DICOM studies",
     sources=[DataSource("vqa-rad", "/data/vqa_rad/VQA_RAD_public.json", name="vqa_rad"),
              DataSource("slake", "/data/slake", {"split": "train"}, name="slake")],
-    train={"epochs": 1},
+    train={"num_train_epochs": 1},
     eval={"max_new_tokens": 32},
     demo=demo,
     # As the driving demo: one 448 tile per image and a high learning rate, so the random-init tiny

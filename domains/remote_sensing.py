@@ -35,7 +35,7 @@ REMOTE_SENSING = Domain(
     sources=[DataSource("classification", "/data/AID", name="aid"),
              DataSource("grounding", "/data/DIOR-RSVG", {"split": "train"}, name="dior_rsvg"),
              DataSource("rsvqa", "/data/RSVQA_LR", {"split": "train"}, name="rsvqa")],
-    train={"epochs": 1},
+    train={"num_train_epochs": 1},
     eval={"max_new_tokens": 48},
     demo=demo,
     # As the driving demo: one 448 tile per image and a high learning rate (see domains/medical.py);

@@ -2,7 +2,7 @@
 
     out/records.jsonl   the records (written atomically)
     out/meta.json       an InternVL meta file pointing at them, with the image root
-    out/report.json     read / written / skipped (with file:row and reason), tiles per record
+    out/report.json     read / written / skipped (with file:row and reason)
     out/images/...      derived images (stitched cameras, DICOM renders, video frames), if any
 
 Record image paths are relative to the meta file's `root`: `out` when the formatter derives
@@ -12,7 +12,6 @@ images, else the source folder (no copies of images the source already has).
 from __future__ import annotations
 
 import json
-import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -20,13 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from PIL import Image
+from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
 from adapt.data import records as rec
 from adapt.data.images import NOTES_KEY, decode_rgb, image_size
 from adapt.data.text import source_problem
-from adapt.data.tiling import count_tiles, tile_budget
-from adapt.errors import AdaptError, Report
+from adapt.errors import AdaptError, Report, validation_problems
 from adapt.fileio import atomic_dir, resolve_inside
 
 Generator = Callable[..., Iterator[rec.Record]]
@@ -48,10 +47,12 @@ class Formatter:
 
 
 def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str | None = None,
-        strict: bool = False, overwrite: bool = False, max_tiles: int = 12, progress: bool | tqdm = True,
-        **options: Any) -> Report:
+        strict: bool = False, overwrite: bool = False, progress: bool | tqdm = True, **options: Any) -> Report:
     """Run one formatter into `out` (atomically: a killed run leaves nothing that looks complete).
-    `progress` is a bool (a bar for this source or none) or a run's formatting bar to count into."""
+    `progress` is a bool (a bar for this source or none) or a run's formatting bar to count into.
+
+    Records carry no tile budget: that is a training choice (the run config's max_tiles), so the
+    same formatted data serves a 6-tile and a 24-tile run alike."""
     name = name or formatter.kind
     source = Path(source)
     if not source.exists():
@@ -60,7 +61,6 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
     root = formatter.image_root(source, **options)
     generator = formatter.generate
     out = Path(out)
-    tiles_hist: dict[int, int] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         image_root = Path(root) if root is not None else out
 
@@ -82,9 +82,6 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
                                 row=meta.get("row"), id=str(record.get("id")))
                     continue
                 ids.assign(record)
-                n = _tiles_of(record, where_root, max_tiles)
-                record.setdefault("meta", {})["tiles"] = n
-                tiles_hist[n] = tiles_hist.get(n, 0) + 1
                 report.written += 1
                 if shared is not None:
                     shared.update()
@@ -92,9 +89,7 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
 
         rec.write_jsonl(tmp / "records.jsonl", checked())
         meta_root = "." if root is None else str(Path(root).resolve())
-        rec.write_meta(tmp / "meta.json", [rec.DatasetSpec(name=name, root=meta_root, annotation="records.jsonl",
-                                                           max_dynamic_patch=max_tiles)])
-        report.stats["tiles_per_record"] = dict(sorted(tiles_hist.items()))
+        rec.write_meta(tmp / "meta.json", [rec.DatasetSpec(name=name, root=meta_root, annotation="records.jsonl")])
         if report.written == 0:
             report.warn(f"no records written from {source} (read {report.read} rows, skipped {report.skipped})")
         report.save(tmp / "report.json")
@@ -133,18 +128,6 @@ def source_text_or_skip(report: Report, texts: dict[str, Any], *, path: str | Pa
     return True
 
 
-def _tiles_of(record: rec.Record, root: Path, max_tiles: int) -> int:
-    """Tiles the record will become at training time (image headers only; video: one per frame)."""
-    if record.get("video"):
-        return int(record.get("meta", {}).get("num_frames", 8))
-    paths = rec.images_of(record)
-    budget = tile_budget(max_tiles, len(paths))
-    total = 0
-    for rel in paths:
-        total += count_tiles(*image_size(root / rel), max_tiles=budget)
-    return total
-
-
 def decoded_size(path: Path, report: Report) -> tuple[int, int]:
     """Fully decode an image as training will (adapt.data.images) and count what was normalised."""
     image = decode_rgb(str(path))
@@ -177,37 +160,37 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".
 # Shared helpers (options, JSON, images)
 # --------------------------------------------------------------------------------------------------
 
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _coerce(kind: str, name: str, value: Any, hint: Any) -> Any:
-    """Options may come from a command line as strings: turn "true"/"5"/"a,b" into the declared type."""
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    bare = {typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,))}
-    if isinstance(value, str) and str not in bare:
-        text = value.strip()
-        if bool in bare and text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
-        if int in bare and text.lstrip("-").isdigit():
-            return int(text)
-        if list in bare:
-            return [part.strip() for part in text.split(",") if part.strip()]
-    wrong_bool = isinstance(value, bool) and bool not in bare
-    if wrong_bool or not any(isinstance(value, b) for b in bare if isinstance(b, type)):
-        expected = " or ".join(sorted("none" if b is type(None) else b.__name__ for b in bare if isinstance(b, type)))
-        raise AdaptError(f"option {name}={value!r} of the {kind} formatter has the wrong type (expected {expected})")
-    return value
+def option(kind: str, name: str, value: Any, declared: Any) -> Any:
+    """One formatter option as its declared type (pydantic, lax: a command line gives "5", "true");
+    a wrong value is a user error naming the formatter, the option and what was given."""
+    try:
+        return TypeAdapter(declared).validate_python(value)
+    except ValidationError as err:
+        raise AdaptError(f"{kind} formatter option " + "; ".join(validation_problems(value, err, name)),
+                         hint=f"see the {kind} formatter's docstring for its options") from None
 
 
 def parse_options(spec: type[T], options: dict[str, Any], kind: str) -> T:
-    """Build an options dataclass, naming unknown options instead of raising a TypeError traceback."""
-    known = {f.name for f in fields(spec)}  # type: ignore[arg-type]
-    unknown = sorted(set(options) - known)
+    """Build an options dataclass, naming unknown options instead of raising a TypeError traceback.
+    A comma-separated string stands for a list (`--opt subset=a,b`) where the option takes no string."""
+    known = {f.name: f.type for f in fields(spec)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise AdaptError(f"unknown option(s) {', '.join(unknown)} for the {kind} formatter",
                          hint="known options: " + ", ".join(sorted(known)))
     hints = typing.get_type_hints(spec)
-    return spec(**{k: _coerce(kind, k, v, hints[k]) for k, v in options.items()})
+    values = {key: value.split(",") if isinstance(value, str) and _list_not_str(hints[key]) else value
+              for key, value in options.items()}
+    try:
+        return TypeAdapter(spec).validate_python(values)
+    except ValidationError as err:
+        raise AdaptError(f"{kind} formatter option " + "; ".join(validation_problems(values, err)),
+                         hint="known options: " + ", ".join(sorted(known))) from None
+
+
+def _list_not_str(declared: Any) -> bool:
+    args = typing.get_args(declared) or (declared,)
+    return str not in args and any(typing.get_origin(a) is list for a in args)
 
 
 def choose(kind: str, name: str, value: str, allowed: Sequence[str]) -> str:

@@ -41,16 +41,17 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageDraw, ImageFont
+from pydantic import Field
 
 from adapt.data import boxes as bx
 from adapt.data.images import decode_rgb, resize
 from adapt.errors import AdaptError, Report
-from formatters.base import Formatter, source_text_or_skip
+from formatters.base import Formatter, option, source_text_or_skip
 
 CAMERA_GRID = (("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT"),
                ("CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT"))
@@ -586,9 +587,10 @@ def generate(source: Path, out: Path, report: Report, *, version: str = "v1.0-mi
     if per not in ("qa", "frame"):
         raise AdaptError(f"per must be 'qa' or 'frame', got {per!r}")
     kinds = _parse_questions(questions)
-    options = {"min_visibility": _number("min_visibility", min_visibility, int),
-               "min_box_px": _number("min_box_px", min_box_px, float)}
-    max_questions, seed = _number("max_questions", max_questions, int), _number("seed", seed, int)
+    count = Annotated[int, Field(ge=0)]
+    options = {"min_visibility": option("driving", "min_visibility", min_visibility, count),
+               "min_box_px": option("driving", "min_box_px", min_box_px, Annotated[float, Field(ge=0)])}
+    max_questions, seed = option("driving", "max_questions", max_questions, count), option("driving", "seed", seed, count)
     source = Path(source)
     nusc = load_nuscenes(source, version)
     scenes = split_scenes(nusc, split)
@@ -599,17 +601,6 @@ def generate(source: Path, out: Path, report: Report, *, version: str = "v1.0-mi
     else:
         yield from _nuscenes_records(nusc, source, out, report, scenes, kinds, max_questions, seed, timings, options)
     report.stats["timing_s"] = {**timings.to_dict(), "total": round(time.perf_counter() - started, 4)}
-
-
-def _number(name: str, value: Any, kind: type) -> Any:
-    """An option given on the command line as text, as `kind` (a user error when it is not a number)."""
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise AdaptError(f"option {name} must be a number, got {value!r}") from None
-    if number < 0:
-        raise AdaptError(f"option {name} must not be negative, got {value!r}")
-    return number
 
 
 def balance_cameras(options: Sequence[Sequence[str]], rng: random.Random) -> list[str | None]:

@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+
 from adapt.data import boxes as bx
 from adapt.data import records as rec
-from adapt.errors import AdaptError, Report
+from adapt.errors import AdaptError, Report, validation_problems
 from formatters.base import (
     Formatter,
     ImageChecker,
@@ -243,10 +245,26 @@ def _check(cand: _Candidate, checker: ImageChecker, report: Report) -> Target | 
                   boxes_px=boxes_px, size=size, path=cand.path, row=cand.row)
 
 
+class CocoAnnotation(BaseModel):
+    """The fields of a COCO annotation the reader uses, with their JSON types (bbox is checked later,
+    with the box conventions)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    image_id: StrictInt | StrictStr
+    bbox: Any
+    category_id: StrictInt | StrictStr | None = None
+    id: StrictInt | StrictStr | None = None
+
+
+def _key(value: Any) -> int | str | None:
+    """A COCO id as a lookup key; ids that are not a number or a string match nothing."""
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+
+
 def _index(items: Any, path: Path, what: str) -> dict[Any, dict[str, Any]]:
     if not isinstance(items, list):
         raise AdaptError(f"'{what}' must be a list", path=path)
-    return {item["id"]: item for item in items if isinstance(item, dict) and "id" in item}
+    return {item["id"]: item for item in items if isinstance(item, dict) and _key(item.get("id")) is not None}
 
 
 def _read_coco_file(path: Path) -> dict[str, Any]:
@@ -259,13 +277,20 @@ def _read_coco_file(path: Path) -> dict[str, Any]:
 def _read_coco(source: Path, report: Report, opts: ReaderOptions, name: str, group: bool) -> Iterator[_Candidate]:
     data = _read_coco_file(source)
     images = _index(data["images"], source, "images")
-    categories = {c["id"]: c.get("name", "") for c in data.get("categories", []) if isinstance(c, dict) and "id" in c}
+    categories = _index(data.get("categories", []), source, "categories")
+    categories = {key: c.get("name", "") for key, c in categories.items()}
     box_format = _box_format(opts, "xywh")
     groups: dict[tuple[Any, Any], _Candidate] = {}
     for row, ann in enumerate(data["annotations"], start=1):
-        if not isinstance(ann, dict) or "image_id" not in ann or "bbox" not in ann:
+        if not isinstance(ann, dict):
             report.read += 1
-            report.skip("annotation without image_id or bbox", path=source, row=row)
+            report.skip("annotation is not a JSON object", path=source, row=row)
+            continue
+        try:
+            CocoAnnotation.model_validate(ann)
+        except ValidationError as err:
+            report.read += 1
+            report.skip("annotation " + "; ".join(validation_problems(ann, err)), path=source, row=row)
             continue
         if ann.get("iscrowd"):
             report.stats["crowd_annotations_dropped"] = report.stats.get("crowd_annotations_dropped", 0) + 1
@@ -321,7 +346,8 @@ def _read_refcoco(source: Path, report: Report, opts: ReaderOptions, name: str, 
     coco = _read_coco_file(instances_path)
     images = _index(coco["images"], instances_path, "images")
     anns = _index(coco["annotations"], instances_path, "annotations")
-    categories = {c["id"]: c.get("name") for c in coco.get("categories", []) if isinstance(c, dict) and "id" in c}
+    categories = {key: c.get("name") for key, c in _index(coco.get("categories", []), instances_path,
+                                                           "categories").items()}
     box_format = _box_format(opts, "xywh")
     for row, ref in enumerate(refs, start=1):
         if not isinstance(ref, dict) or not isinstance(ref.get("sentences"), list):
@@ -330,7 +356,7 @@ def _read_refcoco(source: Path, report: Report, opts: ReaderOptions, name: str, 
             continue
         if opts.split is not None and ref.get("split") != opts.split:
             continue
-        ann, image = anns.get(ref.get("ann_id")), images.get(ref.get("image_id"))
+        ann, image = anns.get(_key(ref.get("ann_id"))), images.get(_key(ref.get("image_id")))
         ref_id = ref.get("ref_id", row)
         if ann is None or image is None or "bbox" not in ann or "file_name" not in image:
             report.read += 1
@@ -341,7 +367,7 @@ def _read_refcoco(source: Path, report: Report, opts: ReaderOptions, name: str, 
         for k, sentence in enumerate(sentences):
             text = sentence.get("sent") or sentence.get("raw") if isinstance(sentence, dict) else sentence
             yield _Candidate(id=f"{name}-{ref_id}-{k}", image=str(image["file_name"]), expression=text or "",
-                             name=categories.get(ann.get("category_id")), boxes=[ann["bbox"]],
+                             name=categories.get(_key(ann.get("category_id"))), boxes=[ann["bbox"]],
                              box_format=box_format, path=refs_path, row=row)
 
 

@@ -39,11 +39,12 @@ import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pydicom
 from PIL import Image
+from pydantic import Field
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
@@ -53,7 +54,7 @@ from adapt.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
 from adapt.data.text import source_problem
 from adapt.errors import AdaptError, Report
 from adapt.fileio import resolve_inside
-from formatters.base import Formatter, image_size_or_skip
+from formatters.base import Formatter, image_size_or_skip, option
 
 DOMAIN = "medical"
 YES_NO = ("yes", "no")
@@ -637,9 +638,7 @@ def generate_dicom(source: Path, out: Path, report: Report, *, labels: str | Pat
     """Labelled DICOM files -> rendered PNGs + classification (label) or VQA (question/answer) records."""
     _reject_unknown("dicom", unknown, "labels, window, frame")
     window = parse_window(window)
-    if frame is not None and not (isinstance(frame, int) or str(frame).strip().isdigit()):
-        raise AdaptError(f"frame must be a frame number (0-based), got {frame!r}")
-    frame = None if frame is None else int(frame)
+    frame = option("dicom", "frame", frame, Annotated[int, Field(ge=0)] | None)  # 0-based
     root, label_file = _dicom_paths(source, labels)
     header, rows = _read_csv(label_file)
     if "file" not in header or not ("label" in header or {"question", "answer"} <= set(header)):

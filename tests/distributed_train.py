@@ -57,10 +57,10 @@ def write_fixture(folder: Path) -> Path:
 
 
 def config(reduction: str, world_size: int) -> TrainConfig:
-    return TrainConfig(mode="full", learning_rate=1e-3, lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0,
-                       epochs=EPOCHS, pack=False, batch_size=GLOBAL_BATCH // world_size, grad_accum=1,
+    return TrainConfig(mode="full", learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0.0, weight_decay=0.0,
+                       num_train_epochs=EPOCHS, pack=False, per_device_train_batch_size=GLOBAL_BATCH // world_size, gradient_accumulation_steps=1,
                        loss_reduction=reduction, max_tiles=1, max_length=1024, logging_steps=1, save_steps=100_000,
-                       workers=0, seed=0, precision="fp32", pin_memory=False)
+                       dataloader_num_workers=0, seed=0, precision="fp32", dataloader_pin_memory=False)
 
 
 class RecordingDataset(training.MixtureDataset):

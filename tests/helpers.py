@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from adapt.training.trainer import TrainConfig  # noqa: E402
 
 Entry = tuple[dict[str, Any], str]
-FAST = {"learning_rate": 1e-2, "workers": 0, "save_steps": 1000, "warmup_ratio": 0.0, "weight_decay": 0.0,
-        "logging_steps": 1, "lr_scheduler": "constant", "max_grad_norm": 1.0}
+FAST = {"learning_rate": 1e-2, "dataloader_num_workers": 0, "save_steps": 1000, "warmup_steps": 0.0, "weight_decay": 0.0,
+        "logging_steps": 1, "lr_scheduler_type": "constant", "max_grad_norm": 1.0}
 
 
 def write_records(root: Path, n_images: int = 2, n_text: int = 2, *, seed: int = 0) -> list[Entry]:

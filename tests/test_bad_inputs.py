@@ -588,7 +588,7 @@ def test_training_data_too_long_or_undecodable(tmp_path, one_thread):
             for i in range(2)
         ],
     ]
-    config = TrainConfig(max_length=560, max_steps=3, pack=False, workers=0, save_steps=1000, logging_steps=1)
+    config = TrainConfig(max_length=560, max_steps=3, pack=False, dataloader_num_workers=0, save_steps=1000, logging_steps=1)
     with pytest.warns(RuntimeWarning, match="sample truncated dropped while training: .*truncated") as caught:
         result = train(
             load("tiny", seed=0),
@@ -638,7 +638,7 @@ def test_ratio_outside_zero_one(capsys, tmp_path):
         "--runs-dir",
         tmp_path / "runs",
         "--quiet",
-        expect=("--general-ratio 1.0 is outside [0, 1)",),
+        expect=("general_ratio: input should be less than 1 (got 1.0)",),
     )
     assert not (tmp_path / "runs").exists()  # refused before anything is written
     note("mixing", "general ratio outside [0, 1) (1.0, -0.25)", outcome, tmp_path)
@@ -731,12 +731,12 @@ def test_train_option_of_the_wrong_type(capsys, tmp_path):
         capsys,
         "run",
         "--train-opt",
-        "epochs=many",
+        "num_train_epochs=many",
         *NO_DEMO,
         "--runs-dir",
         tmp_path / "runs",
         "--quiet",
-        expect=("epochs", "'many'"),
+        expect=("train.num_train_epochs", "\"many\""),
     )
     note("configs", "--train-opt value of the wrong type ('false', '1e-4' are converted)", outcome, tmp_path)
 
@@ -843,7 +843,7 @@ def test_wrong_type_in_run_config(capsys, tmp_path):
         "--runs-dir",
         tmp_path / "runs",
         "--quiet",
-        expect=(str(config), "general_ratio", "'a quarter'"),
+        expect=(str(config), "general_ratio", "\"a quarter\""),
     )
     assert not (tmp_path / "runs").exists()
     note("configs", "run config value of the wrong type", outcome, tmp_path)

@@ -21,7 +21,7 @@ def test_there_is_a_config_per_domain_and_size():
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_run_config_resolves(path):
-    config = api.RunConfig(**api.load_config_file(path))
+    config = api.load_config_file(path)
     domain, train_config, eval_settings = api.resolve(config)
     assert domain.name == path.parent.name == config.domain
     assert train_config.mode == "full" and train_config.loss_reduction == "square" and train_config.max_tiles == 12

@@ -138,7 +138,7 @@ def test_killed_demo_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "domain": "driving", "general_ratio": 0.25,
-        "train": {"max_steps": 4, "save_steps": 2, "workers": 0, "logging_steps": 1},
+        "train": {"max_steps": 4, "save_steps": 2, "dataloader_num_workers": 0, "logging_steps": 1},
         "eval": {"holdout": 4, "general_holdout": 2, "max_new_tokens": 4}}))
     runs = tmp_path / "runs"
     process = _start_killable(tmp_path, ["run", "--config", str(config), "--runs-dir", str(runs), "--name", "killed",

@@ -288,7 +288,7 @@ def test_train_uses_varlen_and_restores_the_model(root, tmp_path):
     entries = [(r, str(root)) for r in RECORDS]
     loaded = load("tiny", seed=0)
     KERNEL_CALLS.clear()
-    config = TrainConfig(max_steps=1, workers=0, save_steps=100, pack_tokens=2048, max_tiles=1,
+    config = TrainConfig(max_steps=1, dataloader_num_workers=0, save_steps=100, pack_tokens=2048, max_tiles=1,
                          attn_implementation=CPU_VARLEN)
     train(loaded, entries, config, tmp_path / "run", progress=False)
     assert any(c["causal"] and len(c["cu"]) == len(RECORDS) + 1 for c in KERNEL_CALLS)  # the packed row
@@ -354,7 +354,7 @@ def test_config_choices():
     for bad, message in [({"gradient_checkpointing": "some"}, "unknown gradient_checkpointing choice 'some'"),
                          ({"logits": "kept"}, "unknown logits choice 'kept'"),
                          ({"normalize": "gpu"}, "unknown normalize choice 'gpu'"),
-                         ({"workers": -1}, "workers must be 0 or more")]:
+                         ({"dataloader_num_workers": -1}, "dataloader_num_workers: input should be greater than or equal to 0")]:
         with pytest.raises(AdaptError, match=message):
             TrainConfig.from_dict(bad)
 
@@ -376,10 +376,10 @@ def test_train_switches_do_not_change_the_first_loss(root, tmp_path):
     step's loss of the default fast path (same data, same init)."""
     entries = [(r, str(root)) for r in RECORDS]
     first = []
-    plain = {"logits": "full", "normalize": "host", "gradient_checkpointing": "all", "pin_memory": False}
+    plain = {"logits": "full", "normalize": "host", "gradient_checkpointing": "all", "dataloader_pin_memory": False}
     for name, options in [("fast", {}), ("plain", plain)]:
-        config = TrainConfig(max_steps=1, workers=0, logging_steps=1, save_steps=100, learning_rate=1e-3,
-                             warmup_ratio=0.0, pack_tokens=2048, **options)
+        config = TrainConfig(max_steps=1, dataloader_num_workers=0, logging_steps=1, save_steps=100, learning_rate=1e-3,
+                             warmup_steps=0.0, pack_tokens=2048, **options)
         result = train(load("tiny", seed=0), entries, config, tmp_path / name, progress=False)
         first.append(next(row["loss"] for row in result.log_history if "loss" in row))
     assert first[0] == pytest.approx(first[1], rel=1e-5)

@@ -118,8 +118,8 @@ def test_box_text_parsing_never_raises(text):
 
 config_key = st.sampled_from(["domain", "model", "general_ratio", "mix_by", "upsample", "seed", "data", "general",
                               "train", "eval", "strict", "runs_dir", "name", "bogus"])
-train_key = st.sampled_from(["learning_rate", "epochs", "max_steps", "grad_accum", "max_tiles", "max_length", "mode",
-                             "partial", "lora_r", "save_steps", "precision", "workers", "pack", "system"])
+train_key = st.sampled_from(["learning_rate", "num_train_epochs", "max_steps", "gradient_accumulation_steps", "max_tiles", "max_length", "mode",
+                             "partial", "lora_r", "save_steps", "precision", "dataloader_num_workers", "pack", "system"])
 small_value = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats() | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2), max_leaves=5)

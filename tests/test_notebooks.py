@@ -77,7 +77,7 @@ def test_mixing_ratios_sweeps_tabulates_and_plots(shared):
     root = shared["root"]
     runs = root / "runs"
     overrides = {"RATIOS": RATIOS, "RUNS_DIR": str(runs), "SHARED_DIR": str(shared.get("data_dir", root / "data")),
-                 "TRAIN": {"max_steps": 2, "max_tiles": 1, "pack_tokens": 1024, "pack_tiles": 4, "workers": 0,
+                 "TRAIN": {"max_steps": 2, "max_tiles": 1, "pack_tokens": 1024, "pack_tiles": 4, "dataloader_num_workers": 0,
                            "logging_steps": 1},
                  "EVAL": {"holdout": 3, "general_holdout": 3, "max_new_tokens": 4}}
     nb = execute("mixing_ratios.ipynb", overrides, root)

@@ -311,7 +311,7 @@ def _small_demo(tmp_path: Path) -> list[str]:
         "domain": "driving", "general_ratio": 0.25,
         "data": [{"kind": "driving", "path": str(nuscenes), "options": {"questions": "perception"}}],
         "general": [{"kind": "general", "path": str(general)}],
-        "train": {**DRIVING.demo_train, "max_steps": 2, "logging_steps": 1, "workers": 0},
+        "train": {**DRIVING.demo_train, "max_steps": 2, "logging_steps": 1, "dataloader_num_workers": 0},
         "eval": {**DRIVING.demo_eval, "holdout": 2, "general_holdout": 1, "max_new_tokens": 2}}))
     return ["run", "--config", str(config), "--runs-dir", str(tmp_path / "runs"), "--no-export"]
 

@@ -32,9 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 HELPER = Path(__file__).with_name("helpers.py")
 STEPS_PER_EPOCH, EPOCHS = 3, 2
-CRASH_CONFIG = {"mode": "full", "pack": False, "batch_size": 2, "epochs": EPOCHS, "save_steps": 2,
-                "learning_rate": 1e-2, "lr_scheduler": "cosine", "warmup_ratio": 0.2, "weight_decay": 0.01,
-                "workers": 0, "logging_steps": 1}
+CRASH_CONFIG = {"mode": "full", "pack": False, "per_device_train_batch_size": 2, "num_train_epochs": EPOCHS, "save_steps": 2,
+                "learning_rate": 1e-2, "lr_scheduler_type": "cosine", "warmup_steps": 0.2, "weight_decay": 0.01,
+                "dataloader_num_workers": 0, "logging_steps": 1}
 
 
 def _spec(tmp: Path, name: str, entries, config: dict, **extra) -> Path:

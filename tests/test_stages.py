@@ -27,7 +27,7 @@ STAGES = [
     {"name": "projector", "mode": "partial", "partial": "mlp", "max_steps": 2, "learning_rate": 2e-2},
     {"name": "llm", "mode": "partial", "trainable": [r"model\.language_model\.layers\.1\..*",
                                                    r"model\.multi_modal_projector\..*"],
-     "max_steps": 3, "save_steps": 1, "lr_scheduler": "cosine"},
+     "max_steps": 3, "save_steps": 1, "lr_scheduler_type": "cosine"},
 ]
 BASE = TrainConfig(**FAST)  # one packed row per step: every step sees the image (the projector gets a gradient)
 
@@ -174,7 +174,7 @@ def test_adapt_run_with_stages_evaluates_after_each_and_exports(tmp_path):
         domain="remote_sensing", general_ratio=0.0, runs_dir=str(tmp_path / "runs"), name="staged",
         data=[{"kind": "classification", "path": str(aid), "name": "aid"}],
         eval={"holdout": 2, "max_new_tokens": 4},
-        train={"max_tiles": 1, "workers": 0, "logging_steps": 1, "pack_tokens": 4096, "pack_tiles": 8},
+        train={"max_tiles": 1, "dataloader_num_workers": 0, "logging_steps": 1, "pack_tokens": 4096, "pack_tiles": 8},
         stages=[{"name": "projector", "mode": "partial", "partial": "mlp", "max_steps": 1, "learning_rate": 1e-3},
                 {"name": "full", "mode": "full", "max_steps": 1, "learning_rate": 1e-4}])
     result = api.run(config, progress=False)

@@ -113,9 +113,6 @@ def load_sources_from_meta(path: str | Path, *, kind: str, weight: float = 1.0, 
     loaded: list[tuple[str, str, list[Record], int | None]] = []
     for spec in specs:
         max_tiles = spec.max_dynamic_patch
-        if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1):
-            raise AdaptError(f"entry {spec.name!r} has max_dynamic_patch {max_tiles!r}; it must be an integer >= 1",
-                             path=path)
         records = _read_records(Path(spec.annotation), spec.root, report)
         if max_tiles is not None:
             for record in records:
@@ -128,6 +125,15 @@ def load_sources_from_meta(path: str | Path, *, kind: str, weight: float = 1.0, 
     return [Source(name=n, root=root, records=records, kind=kind, max_tiles=max_tiles,
                    weight=weight if len(loaded) == 1 else weight * len(records) / size)
             for n, root, records, max_tiles in loaded]
+
+
+def limit_tiles(source: Source, max_tiles: int) -> None:
+    """A per-source tile budget from the run config: each record's `meta.max_tiles`, which can lower
+    the run's max_tiles for this source's images (never raise it)."""
+    source.max_tiles = min(source.max_tiles or max_tiles, max_tiles)
+    for record in source.records:
+        meta = record.setdefault("meta", {})
+        meta["max_tiles"] = min(meta.get("max_tiles") or max_tiles, max_tiles)
 
 
 def _jsonl_source(path: Path, name: str, kind: str, weight: float, report: Report) -> Source:

@@ -11,14 +11,15 @@ data root and are resolved inside it (see `adapt.fileio.resolve_inside`).
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from adapt.errors import AdaptError, Report
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from adapt.errors import AdaptError, Report, validation_problems
 from adapt.fileio import atomic_write, resolve_inside
 
 Record = dict[str, Any]
@@ -27,6 +28,27 @@ TASKS = ("classification", "grounding", "region", "vqa", "driving", "caption", "
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 ROLES = ("human", "gpt")
+
+
+class Turn(BaseModel):
+    """One conversation turn; roles and their order are checked by `problems`, which names them."""
+
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+    role: str = Field(alias="from")
+    value: str
+
+
+class RecordSchema(BaseModel):
+    """The JSON types of a record, declared once: every reader (JSONL, meta files, LLaVA arrays) and
+    every formatter's output check goes through `problems`, which validates against it first. Plain
+    JSON values only, so a record can also live in an Arrow table."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: StrictStr | int | None = None
+    image: Annotated[StrictStr, Field(min_length=1)] | list[Annotated[StrictStr, Field(min_length=1)]] | None = None
+    video: Annotated[StrictStr, Field(min_length=1)] | None = None
+    conversations: list[Turn] = Field(min_length=1)
+    meta: dict[str, Any] = Field(default_factory=dict)
 
 
 def images_of(record: Record) -> list[str]:
@@ -66,18 +88,17 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
     """
     if not isinstance(record, dict):
         return ["row is not a JSON object"]
+    try:
+        RecordSchema.model_validate(record)
+    except ValidationError as err:
+        return validation_problems(record, err)
     out: list[str] = []
-    convs = record.get("conversations")
-    if not isinstance(convs, list) or not convs:
-        return ["missing or empty 'conversations' list"]
+    convs = record["conversations"]
     turns = list(convs)
-    if isinstance(turns[0], dict) and turns[0].get("from") == "system":
+    if turns[0]["from"] == "system":
         turns = turns[1:]
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            out.append(f"turn {i} is not an object with a string 'value'")
-            continue
-        role = turn.get("from")
+        role = turn["from"]
         if role not in ROLES:
             out.append(f"turn {i} has unknown role {role!r} (expected 'human' or 'gpt', or a first 'system')")
         elif role != ROLES[i % 2]:
@@ -90,9 +111,6 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
         out.append("the conversation does not end with a 'gpt' answer")
     text = "".join(t["value"] for t in convs)
     images = images_of(record)
-    if any(not isinstance(p, str) or not p for p in images):
-        out.append("'image' must be a non-empty string or a list of them")
-        return out
     n_image = text.count(IMAGE_PLACEHOLDER)
     if record.get("video"):
         if images:
@@ -195,6 +213,17 @@ class DatasetSpec:
         return out
 
 
+class MetaEntry(BaseModel):
+    """One dataset of an InternVL meta file; other keys InternVL writes (length, ...) pass through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    root: StrictStr = "."
+    annotation: Annotated[StrictStr, Field(min_length=1)]
+    repeat_time: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    max_dynamic_patch: Annotated[int, Field(ge=1)] | None = None
+    data_augment: bool = False
+
+
 def read_meta(path: str | Path) -> list[DatasetSpec]:
     """Read an InternVL meta file `{name: {root, annotation, repeat_time, max_dynamic_patch?}}`.
 
@@ -213,17 +242,19 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         raise AdaptError("meta file must be a non-empty JSON object {name: {root, annotation, ...}}", path=path)
     specs = []
     for name, entry in raw.items():
-        if not isinstance(entry, dict) or "annotation" not in entry:
-            raise AdaptError(f"entry {name!r} needs at least 'annotation' (and usually 'root')", path=path)
-        wrong = _meta_entry_problem(entry)
-        if wrong:
-            raise AdaptError(f"entry {name!r}: {wrong}", path=path)
-        repeat = float(entry.get("repeat_time", 1))
-        base, resolved_from = _meta_base(path, name, str(entry["annotation"]), str(entry.get("root", ".")))
+        if not isinstance(entry, dict):
+            raise AdaptError(f"entry {name!r} is not an object {{root, annotation, ...}}", path=path)
+        try:
+            checked = MetaEntry.model_validate(entry)
+        except ValidationError as err:
+            raise AdaptError(f"entry {name!r}: " + "; ".join(validation_problems(entry, err)), path=path,
+                             hint="an entry is {\"root\": folder, \"annotation\": file, \"repeat_time\": number > 0, "
+                                  "\"max_dynamic_patch\": integer >= 1}") from None
+        base, resolved_from = _meta_base(path, name, checked.annotation, checked.root)
         specs.append(DatasetSpec(
-            name=name, root=str(base / entry.get("root", ".")), annotation=str(base / entry["annotation"]),
-            repeat_time=repeat, max_dynamic_patch=entry.get("max_dynamic_patch"),
-            data_augment=bool(entry.get("data_augment", False)), resolved_from=resolved_from))
+            name=name, root=str(base / checked.root), annotation=str(base / checked.annotation),
+            repeat_time=checked.repeat_time, max_dynamic_patch=checked.max_dynamic_patch,
+            data_augment=checked.data_augment, resolved_from=resolved_from))
     return specs
 
 
@@ -241,22 +272,6 @@ def _meta_base(meta: Path, name: str, annotation: str, root: str) -> tuple[Path,
                      f"({Path.cwd()}) nor beside the meta file", path=meta,
                      hint="InternVL reads meta paths relative to the directory it runs in; run from there "
                           "or give absolute paths")
-
-
-def _meta_entry_problem(entry: dict[str, Any]) -> str | None:
-    """The first field of a meta entry with the wrong type or range (InternVL's loader would crash later)."""
-    for key in ("root", "annotation"):
-        if key in entry and (not isinstance(entry[key], str) or not entry[key] or "\x00" in entry[key]):
-            return f"{key} must be a non-empty path string, not {entry[key]!r}"
-    repeat = entry.get("repeat_time", 1)
-    if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not math.isfinite(repeat) or repeat <= 0:
-        return f"repeat_time must be a number > 0, not {repeat!r}"
-    patches = entry.get("max_dynamic_patch")
-    if patches is not None and (isinstance(patches, bool) or not isinstance(patches, int) or patches < 1):
-        return f"max_dynamic_patch must be a whole number >= 1, not {patches!r}"
-    if not isinstance(entry.get("data_augment", False), bool):
-        return f"data_augment must be true or false, not {entry['data_augment']!r}"
-    return None
 
 
 def write_meta(path: str | Path, specs: Iterable[DatasetSpec]) -> None:

@@ -90,8 +90,8 @@ class SampleBuilder:
         policy = self.policy_for(record)
         out = []
         for rel in images_of(record):
-            size = image_size(resolve_inside(root, rel))
-            out.append(count_tiles(*size, policy.min_tiles, policy.max_tiles, policy.thumbnail))
+            out.append(count_tiles(*image_size(resolve_inside(root, rel)), policy.min_tiles, policy.max_tiles,
+                                   policy.thumbnail))
         return out
 
     def plan(self, record: Record, root: str | Path) -> Planned:

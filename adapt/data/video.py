@@ -20,6 +20,7 @@ from pathlib import Path
 import av
 from PIL import Image
 
+from adapt.data.images import decode_rgb
 from adapt.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from adapt.errors import AdaptError
 
@@ -162,8 +163,7 @@ def read_frame_folder(folder: str | Path, n_frames: int, *, random_offset: bool 
     frames = []
     for i in indices:
         try:
-            with Image.open(files[i]) as image:
-                frames.append(image.convert("RGB"))  # convert() decodes fully: truncation raises here
+            frames.append(decode_rgb(files[i]))  # decodes fully: truncation raises here
         except (OSError, SyntaxError, ValueError) as err:
             raise AdaptError(f"frame {files[i].name} does not decode ({err})", path=folder) from None
     return frames

@@ -158,8 +158,6 @@ def train_run_stages(config: Any, domain: Any, train_config: TrainConfig, eval_s
     <run>/stages/<k>-<name>/data), evaluated on the run's held-out sets after it
     (<run>/eval/stage-<k>-<name>.json). Returns the last stage's result carrying the final model and
     the steps of all stages."""
-    from dataclasses import replace
-
     from adapt import api
     from adapt.evaluation import evaluator
 
@@ -171,7 +169,7 @@ def train_run_stages(config: Any, domain: Any, train_config: TrainConfig, eval_s
         if not stage.data:
             return mixture_entries
         index = next(i for i, s in enumerate(stages) if s.name == stage.name)
-        own = replace(config, **stage.data)
+        own = type(config)(**{**config.to_dict(), **stage.data})
         data = api.prepare_data(own, domain, stage_config(train_config, stage), eval_settings,
                                 stage_dir(run_dir, index, stage) / "data", loaded, shared_dir=shared_dir)
         return data.mixture.entries

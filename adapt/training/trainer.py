@@ -21,15 +21,17 @@ import os
 import random
 import re
 import shutil
-import types
 import typing
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
@@ -44,7 +46,7 @@ from adapt.data.records import Record, images_of
 from adapt.data.samples import SampleBuilder, SampleDropped, plan_all
 from adapt.data.templates import IGNORE_INDEX, Encoder
 from adapt.data.tiling import TilingPolicy, normalize
-from adapt.errors import AdaptError, Report
+from adapt.errors import AdaptError, Report, validation_error
 from adapt.fileio import atomic_write_text
 from adapt.training.attention import resolve_attn_implementation
 
@@ -62,62 +64,97 @@ LOGITS = ("supervised", "full")
 NORMALIZE_ON = ("device", "host")
 
 
-@dataclass
+# TrainingArguments fields adapt sets from its own options (or must own, like the output folder):
+# passing them through would silently fight adapt's choice.
+ADAPT_OWNED_ARGUMENTS = ("output_dir", "bf16", "fp16", "use_cpu", "remove_unused_columns", "gradient_checkpointing",
+                         "accelerator_config", "ddp_find_unused_parameters", "average_tokens_across_devices",
+                         "disable_tqdm", "logging_dir")
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class TrainConfig:
-    """Every knob of a training run (the Mini-InternVL recipe by default); saved with the run."""
+    """Every knob of a training run (the Mini-InternVL recipe by default); saved with the run.
+
+    Options that mean what a `transformers.TrainingArguments` field means carry its name; any other
+    TrainingArguments field (optim, adam_beta2, eval_strategy, ...) goes into `training_arguments`
+    and reaches the Trainer unchanged. Types and ranges are checked here, where they are declared."""
 
     mode: str = "full"
     partial: str | None = None  # mlp | mlp+llm | vit-last-N (e.g. vit-last-4)
     trainable: list[str] = field(default_factory=list)  # explicit regexes over parameter names (partial)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_r: Annotated[int, Field(ge=1)] = 16
+    lora_alpha: Annotated[int, Field(ge=1)] = 32
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     lora_targets: str | None = None  # regex; default: the LLM's attention and MLP projections
     lora_vision: bool = False
     lora_train_projector: bool = True
     qlora: bool = False
-    learning_rate: float = 1e-5
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.01
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 1  # samples per micro-batch when not packing
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: Annotated[float, Field(ge=0)] = 0.03  # below 1: a share of the steps (TrainingArguments' rule)
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: Annotated[int, Field(ge=-1)] = -1
+    per_device_train_batch_size: Annotated[int, Field(ge=1)] = 1  # samples per micro-batch when not packing
     pack: bool = True
-    pack_tokens: int = 16384
-    pack_tiles: int = 48
-    grad_accum: int = 1
+    pack_tokens: Annotated[int, Field(ge=1)] = 16384
+    pack_tiles: Annotated[int, Field(ge=1)] = 48
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
     loss_reduction: str = "square"
-    max_length: int = 8192
-    max_tiles: int = 12
-    min_tiles: int = 1
+    max_length: Annotated[int, Field(ge=1)] = 8192
+    max_tiles: Annotated[int, Field(ge=1)] = 12
+    min_tiles: Annotated[int, Field(ge=1)] = 1
     jpeg_augment: bool = False
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
     gradient_checkpointing: bool | str = "none"  # none | llm | vision | all (true = all, false = none)
     attn_implementation: str = "auto"  # auto (flash_attn or torch varlen on a GPU, else sdpa) | sdpa | eager | flash_attention_2 | torch_varlen
     logits: str = "supervised"  # supervised (logits only where a label is) | full (every position; to compare)
     normalize: str = "device"  # device (uint8 tiles, normalised there) | host (float in the worker; to compare)
-    save_steps: int = 500
-    save_total_limit: int = 2
-    logging_steps: int = 10
-    seed: int = 0
-    workers: int | None = None  # None: min(8, cpus // ranks per node) on a GPU, 2 on CPU
-    pin_memory: bool = True  # pinned host batches and non-blocking copies to the GPU
+    save_steps: Annotated[int, Field(ge=1)] = 500
+    save_total_limit: Annotated[int, Field(ge=0)] = 2
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    seed: Annotated[int, Field(ge=0)] = 0
+    dataloader_num_workers: Annotated[int, Field(ge=0)] | None = None  # None: min(8, cpus // ranks per node) on a GPU, 2 on CPU
+    dataloader_pin_memory: bool = True  # pinned host batches and non-blocking copies to the GPU
     on_nan: str = "stop"  # stop | skip
     system: str | None = None
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    training_arguments: dict[str, Any] = field(default_factory=dict)  # other TrainingArguments fields
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict[str, Any], *, path: str | Path | None = None, section: str = "train") -> TrainConfig:
+        """Options from a run config, a recipe, `--train-opt` strings or a notebook dict: adapt's own,
+        then any other TrainingArguments field (passed through), else a user error naming the key."""
+        own = {f.name for f in fields(cls)} - {"training_arguments"}
+        passed = {key: value for key, value in data.items() if key not in own}
+        known = training_argument_fields()
+        unknown = sorted(set(passed) - set(known) - {"training_arguments"})
         if unknown:
-            raise AdaptError(f"unknown training option(s): {', '.join(unknown)}",
-                             hint="see adapt.training.trainer.TrainConfig for the accepted keys")
-        hints = typing.get_type_hints(cls)
-        config = cls(**{key: _coerce_option(key, value, hints[key]) for key, value in data.items()})
-        config.validate()
-        return config
+            raise AdaptError(f"unknown training option(s): {', '.join(f'{section}.{k}' for k in unknown)}", path=path,
+                             hint="adapt's options are the fields of adapt.training.trainer.TrainConfig; any other "
+                                  "transformers.TrainingArguments field is passed to the Trainer")
+        owned = sorted(set(passed) & set(ADAPT_OWNED_ARGUMENTS))
+        if owned:
+            raise AdaptError(f"training option(s) {', '.join(owned)} are set by adapt itself", path=path,
+                             hint="use precision (bf16/fp16), gradient_checkpointing (none|llm|vision|all) and the "
+                                  "run directory instead")
+        extra = {**passed.pop("training_arguments", {}), **passed}
+        for key, value in extra.items():
+            try:
+                checked = TypeAdapter(known[key]).validate_python(value)
+                extra[key] = checked.value if isinstance(checked, Enum) else checked  # plain values for config.yaml
+            except ValidationError as err:
+                raise validation_error(err, value, path=path, prefix=f"{section}.{key}",
+                                       hint=f"{key} is a transformers.TrainingArguments field; see its type there") from None
+        values = {key: value for key, value in data.items() if key in own}
+        try:
+            return cls(**values, training_arguments=extra)
+        except ValidationError as err:
+            raise validation_error(err, values, path=path, prefix=section,
+                                   hint="each option's type and range is declared in adapt.training.trainer.TrainConfig") from None
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -137,41 +174,19 @@ class TrainConfig:
             raise AdaptError(f"unknown logits choice {self.logits!r}", hint="use supervised or full")
         if self.normalize not in NORMALIZE_ON:
             raise AdaptError(f"unknown normalize choice {self.normalize!r}", hint="use device or host")
-        if self.workers is not None and self.workers < 0:
-            raise AdaptError(f"workers must be 0 or more, not {self.workers}")
         if self.save_total_limit == 1:  # the Trainer deletes the previous one before the new one is marked complete
             raise AdaptError("save_total_limit 1 can leave no complete checkpoint when a run is killed while saving",
                              hint="keep at least 2 (the default), or 0 to keep every checkpoint")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The options as saved in config.yaml and the model card (plain values only)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
-
-def _coerce_option(name: str, value: Any, hint: Any) -> Any:
-    """A training option as its declared type. `--train-opt` values arrive as strings and YAML reads
-    `1e-4` as one; a string "false" left as is would be truthy and silently turn packing on."""
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    kinds = [typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,))]
-    if isinstance(value, str) and str not in kinds:
-        text = value.strip()
-        if type(None) in kinds and text.lower() in ("none", "null"):
-            return None
-        if bool in kinds and text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-        for kind in (int, float):
-            if kind in kinds:
-                try:
-                    return kind(text)
-                except ValueError:
-                    pass
-        if list in kinds:
-            return [part.strip() for part in text.split(",") if part.strip()]
-    numeric = float in kinds and isinstance(value, int)
-    if (isinstance(value, bool) and bool not in kinds) or not (numeric or isinstance(value, tuple(kinds))):
-        expected = " or ".join("none" if k is type(None) else k.__name__ for k in kinds)
-        raise AdaptError(f"training option {name}={value!r} is not of type {expected}",
-                         hint=f"e.g. {name}: {getattr(TrainConfig(), name)!r}")
-    return value
+def training_argument_fields() -> dict[str, Any]:
+    """TrainingArguments' field names and types (what a passed-through option is checked against)."""
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints.get(f.name, Any) for f in fields(TrainingArguments) if f.init}
 
 
 def checkpointing_choice(value: bool | str) -> str:
@@ -618,26 +633,32 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
 
     if logging_dir is not None:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(logging_dir)
-    args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=1, gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay, num_train_epochs=config.epochs, max_steps=config.max_steps,
-        logging_steps=config.logging_steps, save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-        seed=config.seed, data_seed=config.seed, remove_unused_columns=False,
-        dataloader_num_workers=resolve_workers(config.workers), dataloader_pin_memory=config.pin_memory,
-        accelerator_config={"non_blocking": config.pin_memory and torch.cuda.is_available()},
-        report_to=["tensorboard"] if logging_dir is not None else "none",
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, max_grad_norm=config.max_grad_norm,
-        average_tokens_across_devices=True, save_strategy="steps", **precision,
+    shared = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "num_train_epochs", "max_steps",
+              "gradient_accumulation_steps", "logging_steps", "save_steps", "save_total_limit", "seed",
+              "dataloader_pin_memory", "max_grad_norm")  # adapt options that are TrainingArguments fields as such
+    arguments = {
+        **{name: getattr(config, name) for name in shared},
+        "output_dir": str(output_dir), "per_device_train_batch_size": 1, "data_seed": config.seed,
+        "remove_unused_columns": False, "dataloader_num_workers": resolve_workers(config.dataloader_num_workers),
+        "accelerator_config": {"non_blocking": config.dataloader_pin_memory and torch.cuda.is_available()},
+        "report_to": ["tensorboard"] if logging_dir is not None else "none",
+        "use_cpu": not torch.cuda.is_available(), "disable_tqdm": not progress,
+        "average_tokens_across_devices": True, "save_strategy": "steps", **precision,
         # a text-only row leaves the vision tower without gradients, which DDP must then not wait for
-        ddp_find_unused_parameters=any(not images_of(r) and not r.get("video") for r, _ in usable),
-    )
+        "ddp_find_unused_parameters": any(not images_of(r) and not r.get("video") for r, _ in usable),
+        **config.training_arguments,
+    }
+    try:
+        args = TrainingArguments(**arguments)
+    except (ValueError, TypeError) as err:  # a passed-through combination the Trainer refuses
+        raise AdaptError(f"transformers.TrainingArguments refused the training options: {err}",
+                         hint="check the TrainingArguments fields given in the train section") from None
     collator = Collator(loaded.tokenizer.pad_token_id, pack=config.pack, loss_reduction=config.loss_reduction)
     if config.normalize == "host":
         collator = HostNormalized(collator)
 
     def sampler_factory(world_size: int, rank: int) -> RankBatchSampler:
-        return RankBatchSampler(lengths, tiles, pack=config.pack, batch_size=config.batch_size,
+        return RankBatchSampler(lengths, tiles, pack=config.pack, batch_size=config.per_device_train_batch_size,
                                 max_tokens=config.pack_tokens, max_tiles=config.pack_tiles, seed=config.seed,
                                 world_size=world_size, rank=rank)
 
@@ -659,7 +680,7 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
         # on CPU the loader workers share the cores with the model's threads; oversubscribed, torch's
         # threads spin-wait and a step gets several times slower (measured on 2 cores: 160 s vs 650 s demo)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(threads, cpus - resolve_workers(config.workers))))
+        torch.set_num_threads(max(1, min(threads, cpus - resolve_workers(config.dataloader_num_workers))))
     try:
         with pickles_refused(checkpoint):  # a tampered optimizer.pt / rng_state.pth: adapt's message, never torch's advice
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
