@@ -76,6 +76,24 @@ def test_max_tiles_above_12_reaches_training(tmp_path, tiny):
     assert builder.plan(record, loaded.root).tiles == official_tiles(24 * TILE, TILE, 6) == 7
 
 
+def test_tile_budget_per_image_kind(tmp_path, tiny):
+    """The run config's budgets per image kind: one image gets max_tiles; a multi-image sample shares
+    multi_image_max_tiles (default max_tiles) among its images, as InternVL divides max_dynamic_patch."""
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((TILE, 8 * TILE, 3), np.uint8)).save(tmp_path / name)
+    one = {"id": "one", "image": "a.png",
+           "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Road."}]}
+    two = {"id": "two", "image": ["a.png", "b.png"],
+           "conversations": [{"from": "human", "value": "<image>\n<image>\nWhat?"}, {"from": "gpt", "value": "Roads."}]}
+    default = make_builder(tiny, TrainConfig(max_tiles=12, max_length=32768))
+    assert default.plan(one, tmp_path).tiles == official_tiles(8 * TILE, TILE, 12)
+    assert default.plan(two, tmp_path).tiles == 2 * official_tiles(8 * TILE, TILE, 6)
+    kinds = make_builder(tiny, TrainConfig(max_tiles=12, multi_image_max_tiles=4, max_length=32768))
+    assert kinds.plan(one, tmp_path).tiles == official_tiles(8 * TILE, TILE, 12)  # single images keep theirs
+    assert kinds.plan(two, tmp_path).tiles == 2 * official_tiles(8 * TILE, TILE, 2) == 6
+    assert kinds.build(two, tmp_path).tiles.shape[0] == 6
+
+
 # ------------------------------------------------------------------------------------------------
 # records and meta files: any JSON value gives a valid record or a counted skip with file:line
 # ------------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class SampleBuilder:
         # a dataset's own limit (meta file max_dynamic_patch) can lower the run's, never raise it
         max_tiles = min(int(record.get("meta", {}).get("max_tiles") or self.policy.max_tiles), self.policy.max_tiles)
         base = TilingPolicy(min(self.policy.min_tiles, max_tiles), max_tiles, self.policy.thumbnail,
-                            self.policy.jpeg_augment and self.train)
+                            self.policy.jpeg_augment and self.train, self.policy.multi_image_max_tiles)
         return base.for_images(len(images_of(record)))
 
     def frames_of(self, record: Record) -> int:

@@ -80,9 +80,11 @@ class TilingPolicy:
     max_tiles: int = 12
     thumbnail: bool = True
     jpeg_augment: bool = False  # InternVL2.5: re-compress each tile at quality ~ U[75, 100]
+    multi_image_max_tiles: int | None = None  # a multi-image sample's whole budget (None: max_tiles, as InternVL)
 
     def for_images(self, n_images: int) -> TilingPolicy:
-        budget = tile_budget(self.max_tiles, n_images)
+        total = self.max_tiles if n_images <= 1 else min(self.max_tiles, self.multi_image_max_tiles or self.max_tiles)
+        budget = tile_budget(total, n_images)
         return TilingPolicy(min(self.min_tiles, budget), budget, self.thumbnail, self.jpeg_augment)
 
 

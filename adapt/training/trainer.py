@@ -103,6 +103,9 @@ class TrainConfig:
     loss_reduction: str = "square"
     max_length: Annotated[int, Field(ge=1)] = 8192
     max_tiles: Annotated[int, Field(ge=1)] = 12
+    # per image kind: a multi-image sample's whole budget, shared by its images (None: max_tiles, as
+    # InternVL); a video frame is always one tile (InternVL's rule)
+    multi_image_max_tiles: Annotated[int, Field(ge=1)] | None = None
     min_tiles: Annotated[int, Field(ge=1)] = 1
     jpeg_augment: bool = False
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
@@ -596,7 +599,7 @@ def precision_flags(precision: str) -> dict[str, bool]:
 
 def make_builder(loaded: Loaded, config: TrainConfig, *, train: bool = True) -> SampleBuilder:
     encoder = Encoder(loaded.tokenizer, loaded.template, tokens_per_tile=loaded.tokens_per_tile, system=config.system)
-    policy = TilingPolicy(config.min_tiles, config.max_tiles, True, config.jpeg_augment)
+    policy = TilingPolicy(config.min_tiles, config.max_tiles, True, config.jpeg_augment, config.multi_image_max_tiles)
     return SampleBuilder(encoder, policy, max_length=config.max_length, train=train, seed=config.seed)
 
 
