@@ -363,46 +363,56 @@ def test_model_scoring_is_off_by_default_and_batched_with_the_tiny_model(root):
 # -- the hooks: adapt run's filter: section and `adapt filter` ----------------------------------------
 
 def _user_data(folder: Path) -> Path:
+    """Twelve questions on their own pictures, a near-duplicate of q3 (same picture, same text up to case
+    and spacing) and a looping answer; held-out sets are drawn by picture, so whichever is held out,
+    the rest shows the filter at work."""
     folder.mkdir(parents=True, exist_ok=True)
-    scene(1).save(folder / "a.jpg", quality=95)
-    scene(2).save(folder / "b.jpg", quality=95)
-    rows = [rec(f"Question number {i} about the scene?", f"Answer {i}.", "ab"[i % 2] + ".jpg", id=f"q{i}")
-            for i in range(12)]
-    rows += [rec("question number 3  about the Scene?", "answer 3.", "b.jpg", id="dup"),
-             rec("Describe the scene.", LOOPING[0], "a.jpg", id="loop")]
+    for i in range(12):
+        scene(i + 1).save(folder / f"{i}.jpg", quality=95)
+    scene(99).save(folder / "loop.jpg", quality=95)
+    rows = [rec(f"Question number {i} about the scene?", f"Answer {i}.", f"{i}.jpg", id=f"q{i}") for i in range(12)]
+    rows += [rec("question number 3  about the Scene?", "answer 3.", "3.jpg", id="dup"),
+             rec("Describe the scene.", LOOPING[0], "loop.jpg", id="loop")]
     write_jsonl(folder / "data.jsonl", rows)
     return folder / "data.jsonl"
+
+
+def _prepared(tmp_path: Path, tiny, **settings) -> tuple[dict, list[str], set[str]]:
+    from adapt import api
+
+    data = _user_data(tmp_path / "user")
+    config = api.RunConfig(domain="remote_sensing", general_ratio=0, data=[{"kind": "general", "path": str(data),
+                           "name": "mine"}], eval={"holdout": 2}, **settings)
+    domain, train_config, eval_settings = api.resolve(config)
+    prepared = api.prepare_data(config, domain, train_config, eval_settings, tmp_path / "run", tiny)
+    manifest = json.loads((tmp_path / "run" / "mixture" / "manifest.json").read_text())
+    ids = [json.loads(line)["id"] for line in (tmp_path / "run" / "mixture" / "mixture.jsonl").read_text().splitlines()]
+    held = {record["id"] for entries in prepared.heldout.values() for record, _ in entries}
+    return manifest, ids, held
 
 
 def test_run_applies_the_filter_section_between_formatting_and_mixing(tmp_path, tiny):
     from adapt import api
 
-    data = _user_data(tmp_path / "user")
-    config = api.RunConfig(domain="remote_sensing", general_ratio=0, data=[{"kind": "general", "path": str(data),
-                           "name": "mine"}], eval={"holdout": 2}, filter={"perceptual": False})
-    domain, train_config, eval_settings = api.resolve(config)
-    api.prepare_data(config, domain, train_config, eval_settings, tmp_path / "run", tiny)
-    manifest = json.loads((tmp_path / "run" / "mixture" / "manifest.json").read_text())
-    ids = [json.loads(line)["id"] for line in (tmp_path / "run" / "mixture" / "mixture.jsonl").read_text().splitlines()]
+    manifest, ids, held = _prepared(tmp_path, tiny, filter={"perceptual": False})
     assert "loop" not in ids and not {"dup", "q3"} <= set(ids)
     removed_counts = manifest["filter"]["sources"]["mine"]["removed"]
-    assert removed_counts["repetition"] == 1 and sum(removed_counts.values()) == 2  # dup: of q3, or of q3 held out
+    assert removed_counts.get("repetition", 0) == (0 if "loop" in held else 1)
+    duplicates = sum(n for rule, n in removed_counts.items() if rule != "repetition")
+    assert duplicates == (0 if {"dup", "q3"} & held else 1)  # a held-out picture takes both with it
+    assert set(ids) | held | {"loop", "dup", "q3"} == {f"q{i}" for i in range(12)} | {"loop", "dup"}
     assert manifest["filter"]["config"]["perceptual"] is False
     assert (tmp_path / "run" / "filter_report.json").is_file()
     with pytest.raises(AdaptError, match="unknown filter setting"):
-        api.resolve(api.RunConfig(domain="remote_sensing", data=config.data, filter={"dedupe": True}))
+        api.resolve(api.RunConfig(domain="remote_sensing", data=[{"kind": "general", "path": "x.jsonl"}],
+                                  filter={"dedupe": True}))
 
 
 def test_run_without_a_filter_section_filters_nothing(tmp_path, tiny):
-    from adapt import api
-
-    data = _user_data(tmp_path / "user")
-    config = api.RunConfig(domain="remote_sensing", general_ratio=0, data=[{"kind": "general", "path": str(data),
-                           "name": "mine"}], eval={"holdout": 2})
-    domain, train_config, eval_settings = api.resolve(config)
-    api.prepare_data(config, domain, train_config, eval_settings, tmp_path / "run", tiny)
-    manifest = json.loads((tmp_path / "run" / "mixture" / "manifest.json").read_text())
-    assert "filter" not in manifest and manifest["samples"]["total"] == 12
+    manifest, ids, held = _prepared(tmp_path, tiny)
+    assert "filter" not in manifest
+    assert set(ids) | held == {f"q{i}" for i in range(12)} | {"loop", "dup"}  # every record trains or is held out
+    assert manifest["samples"]["total"] == len(ids) == 14 - len(held)
 
 
 def test_cli_filter_command(tmp_path, capsys):

@@ -131,4 +131,4 @@ def test_run_configs(top, train):
     path = WORK / "run.yaml"
     path.write_text(yaml.safe_dump({**top, **({"train": train} if train else {})}))
     with contextlib.suppress(AdaptError):  # refusing is fine; any other exception fails the test
-        api.resolve(api.RunConfig(**api.load_config_file(path)))
+        api.resolve(api.load_config_file(path))

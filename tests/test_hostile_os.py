@@ -138,7 +138,7 @@ def test_disk_full_while_exporting_leaves_nothing(tiny, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(export, "_write_processor_configs", full)
+    monkeypatch.setattr(export, "write_processor_configs", full)
     with pytest.raises(OSError):
         export.export_model(tiny.model, tiny.tokenizer, tiny.template, tmp_path / "exported")
     assert list(tmp_path.iterdir()) == []

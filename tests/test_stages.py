@@ -150,7 +150,7 @@ def test_shipped_internvl2_5_recipe_resolves_to_its_stages():
     from adapt import api
 
     path = Path(__file__).parent.parent / "configs" / "recipes" / "internvl2_5_stages.yaml"
-    config = api.RunConfig(**api.load_config_file(path))
+    config = api.load_config_file(path)
     _, train_config, _ = api.resolve(config)
     stages = parse_stages(config.stages, path)
     configs = {stage.name: stage_config(train_config, stage) for stage in stages}
