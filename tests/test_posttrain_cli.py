@@ -25,7 +25,7 @@ def test_adapt_dpo_from_pairs(tmp_path, capsys):
     held = _jsonl(tmp_path / "data" / "held.jsonl", _pairs(tmp_path / "data", 2, offset=50))
     out = tmp_path / "dpo"
     code = main(["dpo", "--model", "tiny", "--pairs", str(pairs), "--heldout-pairs", str(held), "--out", str(out),
-                 "--opt", "max_steps=2", "--opt", "max_tiles=1", "--opt", "batch_size=2", "--opt", "loss=mpo",
+                 "--opt", "max_steps=2", "--opt", "max_tiles=1", "--opt", "per_device_train_batch_size=2", "--opt", "loss=mpo",
                  "--quiet"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -40,6 +40,11 @@ def test_adapt_dpo_from_pairs(tmp_path, capsys):
 def test_adapt_dpo_refuses_bad_options(tmp_path, capsys):
     assert main(["dpo", "--model", "tiny", "--pairs", "x.jsonl", "--out", str(tmp_path), "--opt", "loss=kto"]) == 2
     assert "unknown preference loss 'kto'" in capsys.readouterr().err
+    assert main(["dpo", "--model", "tiny", "--pairs", "x.jsonl", "--out", str(tmp_path), "--opt",
+                 "per_device_train_batch_size=0"]) == 2  # ranges are declared on the config and checked
+    assert "per_device_train_batch_size" in capsys.readouterr().err
+    assert main(["grpo", "--model", "tiny", "--data", "x.jsonl", "--out", str(tmp_path), "--opt", "epochs=2"]) == 2
+    assert "unknown option(s): epochs" in capsys.readouterr().err  # TrainingArguments names: num_train_epochs
     assert main(["dpo", "--model", "tiny", "--out", str(tmp_path)]) == 2
     assert "either --pairs" in capsys.readouterr().err
 

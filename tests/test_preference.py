@@ -129,7 +129,7 @@ def test_first_mpo_step_loss_is_trls_weighted_mix(data, tmp_path):
             sample = builder.build(chosen, root)
             n = int((sample.labels[1:] != IGNORE_INDEX).sum())
             total, tokens = total - _sequence_logp(loaded, chosen, root), tokens + n
-    config = PreferenceConfig(loss="mpo", max_steps=1, batch_size=3, learning_rate=1e-3, logging_steps=1,
+    config = PreferenceConfig(loss="mpo", max_steps=1, per_device_train_batch_size=3, learning_rate=1e-3, logging_steps=1,
                               max_tiles=1)
     result = train_preference(loaded, pairs, config, tmp_path / "out", progress=False)
     first = next(row for row in result.log_history if "loss" in row)
@@ -140,7 +140,7 @@ def test_first_mpo_step_loss_is_trls_weighted_mix(data, tmp_path):
 def test_mpo_raises_heldout_preference_accuracy(data, tmp_path, capsys):
     loaded = load("tiny", seed=0)
     before = preference_scores(loaded, data["heldout"], max_tiles=1)
-    config = PreferenceConfig(loss="mpo", mode="full", learning_rate=5e-3, max_steps=8, batch_size=2,
+    config = PreferenceConfig(loss="mpo", mode="full", learning_rate=5e-3, max_steps=8, per_device_train_batch_size=2,
                               logging_steps=1, max_tiles=1)
     result = train_preference(loaded, data["train"], config, tmp_path / "out", progress=False)
     loaded.model = result.model
@@ -157,7 +157,7 @@ def test_lora_dpo_trains_adapters_only_and_widens_the_margin(data, tmp_path, cap
     loaded = load("tiny", seed=0)
     base = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     before = preference_scores(loaded, data["heldout"], max_tiles=1)
-    config = PreferenceConfig(loss="dpo", mode="lora", lora_r=4, learning_rate=5e-2, max_steps=6, batch_size=2,
+    config = PreferenceConfig(loss="dpo", mode="lora", lora_r=4, learning_rate=5e-2, max_steps=6, per_device_train_batch_size=2,
                               logging_steps=1, max_tiles=1)
     result = train_preference(loaded, data["train"], config, tmp_path / "out", progress=False)
     trained = dict(result.model.named_parameters())

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from adapt.checkpoints import models
 from adapt.data.records import Record
-from adapt.errors import AdaptError, Report
+from adapt.errors import AdaptError, Report, validation_error
 from adapt.evaluation import evaluator
 from adapt.fileio import atomic_write_text
 from adapt.training.preference import PreferenceConfig, preference_scores, train_preference
@@ -26,20 +28,16 @@ Entries = list[tuple[Record, str]]
 
 
 def options_into(kind: type, options: dict[str, Any]) -> Any:
-    """A PreferenceConfig / RLConfig from key=value options (CLI strings coerced to each field's type)."""
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    values: dict[str, Any] = {}
-    for key, value in options.items():
-        if key not in fields or key == "extra":
-            raise AdaptError(f"unknown option {key!r}", hint=f"accepted: {', '.join(n for n in fields if n != 'extra')}")
-        default = fields[key].default
-        if isinstance(value, str) and not isinstance(default, str):
-            try:
-                value = (value.lower() in ("1", "true", "yes", "on")) if isinstance(default, bool) else type(default)(value)
-            except ValueError:
-                raise AdaptError(f"option {key}={value!r} is not a {type(default).__name__}") from None
-        values[key] = value
-    config = kind(**values)
+    """A PreferenceConfig / RLConfig from key=value options, checked against the types and ranges the
+    config declares (pydantic's lax mode reads CLI strings: '1e-3', 'true', '8')."""
+    accepted = [f.name for f in dataclasses.fields(kind) if f.name != "extra"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise AdaptError(f"unknown option(s): {', '.join(unknown)}", hint=f"accepted: {', '.join(accepted)}")
+    try:
+        config = TypeAdapter(kind).validate_python(options)
+    except ValidationError as err:
+        raise validation_error(err, options, prefix="--opt") from None
     config.validate()
     return config
 

@@ -24,9 +24,11 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass as checked_dataclass
 from transformers import TrainerCallback
 
 from adapt.checkpoints.models import Loaded
@@ -54,28 +56,29 @@ LOSS_PRESETS: dict[str, tuple[list[str], list[float]]] = {
 PreferencePair = tuple[Record, str]  # (preference record, image root)
 
 
-@dataclass
+@checked_dataclass
 class PreferenceConfig:
-    """A preference stage: the loss mix, beta, and the usual optimisation knobs."""
+    """A preference stage: the loss mix, beta, and the usual optimisation knobs (TrainingArguments names,
+    ranges declared here; `adapt dpo --opt key=value` is checked against them)."""
 
     loss: str = "mpo"  # a LOSS_PRESETS name
-    beta: float = 0.1
+    beta: Annotated[float, Field(gt=0)] = 0.1
     mode: str = "full"  # full | lora
-    lora_r: int = 16
-    lora_alpha: int = 32
-    learning_rate: float = 5e-6
-    lr_scheduler: str = "constant"
-    warmup_ratio: float = 0.0
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 2  # pairs per micro-batch
-    grad_accum: int = 1
-    max_tiles: int = 6
-    max_length: int = 8192
+    lora_r: Annotated[int, Field(ge=1)] = 16
+    lora_alpha: Annotated[int, Field(ge=1)] = 32
+    learning_rate: Annotated[float, Field(gt=0)] = 5e-6
+    lr_scheduler_type: str = "constant"
+    warmup_steps: Annotated[float, Field(ge=0)] = 0.0  # below 1: a share of the steps (TrainingArguments' rule)
+    num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: Annotated[int, Field(ge=-1)] = -1
+    per_device_train_batch_size: Annotated[int, Field(ge=1)] = 2  # pairs per micro-batch
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    max_tiles: Annotated[int, Field(ge=1)] = 6
+    max_length: Annotated[int, Field(ge=1)] = 8192
     precision: str = "auto"
-    save_steps: int = 500
-    logging_steps: int = 10
-    seed: int = 0
+    save_steps: Annotated[int, Field(ge=1)] = 500
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    seed: Annotated[int, Field(ge=0)] = 0
     extra: dict[str, Any] = field(default_factory=dict)  # further DPOConfig fields, passed as given
 
     def validate(self) -> None:
@@ -191,9 +194,10 @@ def train_preference(loaded: Loaded, pairs: Sequence[PreferencePair], config: Pr
         p.requires_grad_(config.mode == "full")
     args = DPOConfig(
         output_dir=str(output_dir), loss_type=loss_type, loss_weights=loss_weights, beta=config.beta,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
-        num_train_epochs=config.epochs, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum, save_steps=config.save_steps,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
+        num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, save_steps=config.save_steps,
         logging_steps=config.logging_steps, seed=config.seed, data_seed=config.seed, remove_unused_columns=False,
         max_length=None, gradient_checkpointing=False, dataloader_num_workers=0, report_to="none",
         use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, **precision, **config.extra)

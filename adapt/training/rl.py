@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass as checked_dataclass
 from transformers import TrainerCallback
 
 from adapt.checkpoints.models import Loaded
@@ -47,28 +49,28 @@ from adapt.training.trainer import (
 Entry = tuple[Record, str]
 
 
-@dataclass
+@checked_dataclass
 class RLConfig:
     """A GRPO stage: group size, sampling, reward weights and the usual optimisation knobs."""
 
     mode: str = "full"  # full | lora
-    lora_r: int = 16
-    lora_alpha: int = 32
-    learning_rate: float = 1e-6
-    max_steps: int = -1
-    epochs: float = 1.0
-    prompts_per_step: int = 2
-    generations: int = 4  # answers sampled per prompt (the GRPO group)
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    beta: float = 0.0  # KL to the starting model (TRL's default 0: no reference model kept)
-    task_weight: float = 1.0
-    format_weight: float = 0.1
-    max_tiles: int = 6
+    lora_r: Annotated[int, Field(ge=1)] = 16
+    lora_alpha: Annotated[int, Field(ge=1)] = 32
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-6
+    max_steps: Annotated[int, Field(ge=-1)] = -1
+    num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
+    prompts_per_step: Annotated[int, Field(ge=1)] = 2
+    generations: Annotated[int, Field(ge=1)] = 4  # answers sampled per prompt (the GRPO group)
+    max_new_tokens: Annotated[int, Field(ge=1)] = 64
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    beta: Annotated[float, Field(ge=0)] = 0.0  # KL to the starting model (TRL's default 0: no reference model kept)
+    task_weight: Annotated[float, Field(ge=0)] = 1.0
+    format_weight: Annotated[float, Field(ge=0)] = 0.1
+    max_tiles: Annotated[int, Field(ge=1)] = 6
     precision: str = "auto"
-    save_steps: int = 500
-    logging_steps: int = 10
-    seed: int = 0
+    save_steps: Annotated[int, Field(ge=1)] = 500
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    seed: Annotated[int, Field(ge=0)] = 0
 
     def validate(self) -> None:
         if self.mode not in ("full", "lora"):
@@ -214,7 +216,7 @@ def train_grpo(loaded: Loaded, entries: Sequence[Entry], config: RLConfig, outpu
     precision = precision_flags(config.precision)
     args = GRPOConfig(
         output_dir=str(output_dir), learning_rate=config.learning_rate, max_steps=config.max_steps,
-        num_train_epochs=config.epochs, per_device_train_batch_size=config.prompts_per_step * config.generations,
+        num_train_epochs=config.num_train_epochs, per_device_train_batch_size=config.prompts_per_step * config.generations,
         num_generations=config.generations, max_completion_length=config.max_new_tokens,
         temperature=config.temperature, beta=config.beta, reward_weights=[config.task_weight, config.format_weight],
         save_steps=config.save_steps, logging_steps=config.logging_steps, seed=config.seed, data_seed=config.seed,
