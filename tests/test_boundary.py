@@ -29,6 +29,7 @@ from adapt.errors import AdaptError, Report
 from adapt.training.trainer import TrainConfig, make_builder, train
 from formatters.base import run as run_formatter
 from formatters.synthetic import sources as syn
+from formatters.synthetic.general import write_general_demo
 
 TILE = 448
 
@@ -289,7 +290,7 @@ def test_readme_recipe_example_runs_verbatim(tmp_path, monkeypatch, capsys):
     recipe = section[section.index("```yaml\n") + 8:section.index("```\n", section.index("```yaml\n") + 8)]
     command = next(line.strip() for line in section.splitlines() if line.strip().startswith("adapt run --domain"))
     syn.write_class_folders(tmp_path / "crops", per_class=4)
-    syn.write_internvl_meta(tmp_path / "general")
+    write_general_demo(tmp_path / "general", n=24)  # general/meta.json, an InternVL meta file
     (tmp_path / "crops.yaml").write_text(recipe, encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     code = main(shlex.split(command)[1:])
@@ -301,5 +302,5 @@ def test_readme_recipe_example_runs_verbatim(tmp_path, monkeypatch, capsys):
     assert [(s["kind"], Path(s["path"])) for s in saved["run"]["data"]] == [("classification", tmp_path / "crops")]
     assert saved["train"]["num_train_epochs"] == 2 and saved["train"]["max_tiles"] == 6
     manifest = json.loads((run_dir / "data" / "mixture" / "manifest.json").read_text())
-    assert set(manifest["sources"]) == {"crops", "ds_a", "ds_b"} or len(manifest["sources"]) >= 2, manifest
+    assert len(manifest["sources"]) >= 2 and "crops" in manifest["sources"], manifest
     assert result["domain_after"] is not None

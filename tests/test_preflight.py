@@ -326,8 +326,10 @@ def test_quiet_run_prints_only_the_final_table(tmp_path, capfd):
     table = [line for line in lines if line.startswith("|")]
     assert table and "before vs after" in out
     assert not [line for line in lines if "it/s" in line or "s/it" in line or "'loss'" in line], lines
-    # the table, its heading and the JSON summary (12 lines); nothing per step, shard or source
-    assert len(lines) <= len(table) + 1 + 12, "\n".join(lines)
+    summary = out[out.rindex("{\n"):].strip().splitlines()
+    assert summary[-1] == "}" and len(summary) <= 16
+    # the table, its heading and the JSON summary; nothing per step, shard or source
+    assert len(lines) == len(table) + 1 + len(summary), "\n".join(lines)
     log = (tmp_path / "runs" / "quiet" / "logs" / "run.log").read_text()
     assert "formatting done" in log and "step 2: " in log and "before vs after" in log
 
