@@ -16,6 +16,7 @@ from PIL import Image
 from adapt.data.filtering import (
     DataFilter,
     FilterConfig,
+    KeySet,
     ModelScorer,
     filter_files,
     normalize_text,
@@ -430,3 +431,14 @@ def test_cli_filter_command(tmp_path, capsys):
     assert report["config"]["max_token_run"] == 6 and report["config"]["perceptual"] is False
     assert main(["filter", str(data), "--output", str(tmp_path / "o2"), "--set", "dedupe=1"]) == 2
     assert "unknown filter setting" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 40), max_size=3000))
+def test_key_set_behaves_as_a_set(keys):
+    """The compact duplicate-key table answers exactly as a Python set, across its growth steps."""
+    compact, reference = KeySet(capacity=8), set()
+    for key in keys:
+        assert compact.add(key) == ((key or 1) not in reference)
+        reference.add(key or 1)
+    assert len(compact) == len(reference)
