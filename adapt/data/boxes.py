@@ -46,6 +46,9 @@ def box_problem(box: Box, width: int, height: int) -> str | None:
         return f"box {list(box)} has zero or negative area"
     if x1 < -1 or y1 < -1 or x2 > width + 1 or y2 > height + 1:
         return f"box {list(box)} lies outside the {width}x{height} image"
+    inside = clamp([x1, y1, x2, y2], width, height)
+    if inside[2] <= inside[0] or inside[3] <= inside[1]:  # e.g. [-1, 0, 0, 1]: within the tolerance, no pixel
+        return f"box {list(box)} has no area inside the {width}x{height} image"
     return None
 
 
