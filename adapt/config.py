@@ -9,6 +9,7 @@ passed through); data sources and evaluation settings by `domains.recipe.SourceE
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,6 +40,7 @@ class RunConfig(BaseModel):
     filter: dict[str, Any] = Field(default_factory=dict)  # FilterConfig settings over the recipe's; {}: no filter
     stages: list[dict[str, Any]] = Field(default_factory=list)  # staged training (adapt.training.stages); empty: one stage
     strict: bool = False
+    num_proc: Annotated[int, Field(ge=1)] | None = None  # data-preparation processes; None: the cores available
     runs_dir: str = "runs"
     name: str | None = None
     _source: Path | None = PrivateAttr(default=None)  # the YAML file it came from, for error messages
@@ -79,6 +81,16 @@ class RunConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_num_proc(num_proc: int | None) -> int:
+    """Processes for formatting and data preparation: `num_proc`, else every available core."""
+    return num_proc if num_proc is not None else available_cores()
 
 
 def config_error(err: ValidationError, value: Any, path: Path | None = None) -> AdaptError:

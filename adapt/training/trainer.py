@@ -41,6 +41,7 @@ from transformers.trainer_callback import PrinterCallback
 from adapt import console
 from adapt.checkpoints.models import Loaded, count_parameters
 from adapt.checkpoints.pickles import pickles_refused
+from adapt.config import available_cores
 from adapt.data.batching import Collator, pack_bins
 from adapt.data.records import Record, images_of
 from adapt.data.samples import SampleBuilder, SampleDropped, plan_all
@@ -287,7 +288,7 @@ def resolve_workers(workers: int | None, *, cuda: bool | None = None, cpus: int 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not cuda:
         return 2
-    cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cpus = cpus or available_cores()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     return max(1, min(8, cpus // max(1, local_ranks)))
 
@@ -682,7 +683,7 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
     if not torch.cuda.is_available():
         # on CPU the loader workers share the cores with the model's threads; oversubscribed, torch's
         # threads spin-wait and a step gets several times slower (measured on 2 cores: 160 s vs 650 s demo)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = available_cores()
         torch.set_num_threads(max(1, min(threads, cpus - resolve_workers(config.dataloader_num_workers))))
     try:
         with pickles_refused(checkpoint):  # a tampered optimizer.pt / rng_state.pth: adapt's message, never torch's advice
