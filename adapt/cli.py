@@ -91,7 +91,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
     from adapt import api
     from adapt.data import filtering
 
-    settings = dict((api.load_config_file(args.config).get("filter") or {}) if args.config else {})
+    settings = dict(api.load_config_file(args.config).filter if args.config else {})
     settings.update({key: _setting(value) for key, value in _options(args.set).items()})
     settings["contamination"] = list(settings.get("contamination") or []) + list(args.eval or [])
     settings["remove_contaminated"] = settings.get("remove_contaminated", False) or args.remove_contaminated

@@ -433,6 +433,23 @@ def test_cli_filter_command(tmp_path, capsys):
     assert "unknown filter setting" in capsys.readouterr().err
 
 
+
+def test_cli_filter_reads_the_filter_section_of_a_run_config(tmp_path, capsys):
+    """`adapt filter --config run.yaml` takes the run config's filter: section (--set still overrides)."""
+    from adapt.cli import main
+
+    data = _user_data(tmp_path / "user")
+    config = tmp_path / "run.yaml"
+    config.write_text("domain: driving\nfilter:\n  dedup: false\n  max_token_run: 6\n")
+    assert main(["filter", str(data), "--output", str(tmp_path / "out"), "--config", str(config),
+                 "--set", "perceptual=false"]) == 0
+    saved = json.loads((tmp_path / "out" / "filter_report.json").read_text())["config"]
+    assert (saved["dedup"], saved["max_token_run"], saved["perceptual"]) == (False, 6, False)
+    assert "duplicate" not in json.loads((tmp_path / "out" / "filter_report.json").read_text())["removed"]
+    config.write_text("filter:\n  max_hash_distance: 99\n")
+    assert main(["filter", str(data), "--output", str(tmp_path / "o2"), "--config", str(config)]) == 2
+    assert "filter.max_hash_distance" in capsys.readouterr().err
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 40), max_size=3000))
 def test_key_set_behaves_as_a_set(keys):

@@ -36,9 +36,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import numpy as np
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from adapt.data.boxes import GRID, parse_boxes
 from adapt.data.images import difference_hash
@@ -51,7 +53,7 @@ from adapt.data.records import (
     write_jsonl,
     write_meta,
 )
-from adapt.errors import AdaptError, Report
+from adapt.errors import AdaptError, Report, validation_error
 from adapt.fileio import atomic_write_text, resolve_inside
 
 RULES = ("duplicate", "duplicate_heldout", "repetition", "empty_answer", "markup_only", "no_question_text",
@@ -63,57 +65,52 @@ DEFAULT_SCORE_PROMPT = (
     "Question: {question}\nAnswer: {answer}")
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(strict=True, extra="forbid"))
 class FilterConfig:
-    """The `filter:` section of a recipe or run config (and `adapt filter`'s options)."""
+    """The `filter:` section of a recipe or run config (and `adapt filter`'s options); types and
+    ranges are declared here, so a wrong setting is refused with its key before any work."""
 
     dedup: bool = True
     perceptual: bool = True
-    max_hash_distance: int = 3
+    max_hash_distance: Annotated[int, Field(ge=0, le=15)] = 3  # bits of a 64-bit dHash
     repetition: bool = True
-    max_token_run: int = 8
-    min_tandem_repeats: int = 4
-    max_tandem_period: int = 32
-    ngram: int = 4
-    max_ngram_share: float = 0.5
-    min_ngram_tokens: int = 24
-    max_line_repeats: int = 3
+    max_token_run: Annotated[int, Field(ge=2)] = 8
+    min_tandem_repeats: Annotated[int, Field(ge=2)] = 4
+    max_tandem_period: Annotated[int, Field(ge=1)] = 32
+    ngram: Annotated[int, Field(ge=1)] = 4
+    max_ngram_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    min_ngram_tokens: Annotated[int, Field(ge=1)] = 24
+    max_line_repeats: Annotated[int, Field(ge=1)] = 3
     heuristics: bool = True
-    min_image_side: int = 28
-    max_aspect_ratio: float = 20.0
-    contamination: list[str] = field(default_factory=list)
+    min_image_side: Annotated[int, Field(ge=1)] = 28
+    max_aspect_ratio: Annotated[float, Field(ge=1)] = 20.0
+    contamination: list[str] = field(default_factory=list)  # evaluation sets (one path is a list of one)
     remove_contaminated: bool = False
     score_model: str | None = None
     score_threshold: float = 3.0
-    score_batch_size: int = 16
+    score_batch_size: Annotated[int, Field(ge=1)] = 16
     score_prompt: str = DEFAULT_SCORE_PROMPT
-    examples: int = 5
+    examples: Annotated[int, Field(ge=0)] = 5
+
+    @field_validator("contamination", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, *, where: str = "filter") -> FilterConfig:
-        """Build from a config mapping, naming unknown keys and wrongly typed values."""
+        """Build from a config mapping; unknown keys and wrong values are named with their key."""
         raw = dict(raw or {})
-        known = {f.name: f for f in fields(cls)}
+        known = [f.name for f in fields(cls)]
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise AdaptError(f"unknown {where} setting(s): {', '.join(unknown)}", hint=f"accepted: {', '.join(known)}")
-        config = cls(**raw)
-        for name, value in asdict(config).items():
-            default = getattr(cls(), name)
-            expected = type(default) if default is not None else str
-            ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
-            ok = ok or (expected is float and isinstance(value, int) and not isinstance(value, bool))
-            ok = ok or (value is None and name == "score_model")
-            if name == "contamination" and isinstance(value, str):
-                config.contamination, ok = [value], True
-            if not ok:
-                raise AdaptError(f"{where} setting {name} is {value!r}, expected {expected.__name__}",
-                                 hint=f"e.g. {name}: {default!r}")
-        if not 0 <= config.max_hash_distance < 16:
-            raise AdaptError(f"{where} setting max_hash_distance must be in 0..15, got {config.max_hash_distance}")
-        if config.ngram < 1 or config.min_tandem_repeats < 2 or config.max_token_run < 2:
-            raise AdaptError(f"{where}: ngram must be >= 1, min_tandem_repeats and max_token_run >= 2")
-        return config
+        try:
+            return cls(**raw)
+        except ValidationError as err:
+            raise validation_error(err, raw, prefix=where,
+                                   hint="each setting's type and range is declared in adapt.data.filtering.FilterConfig"
+                                   ) from None
 
 
 # -- text ---------------------------------------------------------------------------------------

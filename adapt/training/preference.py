@@ -40,6 +40,7 @@ from adapt.errors import AdaptError
 from adapt.training.trainer import (
     LLM_LORA_TARGETS,
     CompletedCheckpoints,
+    PostTrainOptions,
     TrainConfig,
     last_complete_checkpoint,
     make_builder,
@@ -57,37 +58,23 @@ PreferencePair = tuple[Record, str]  # (preference record, image root)
 
 
 @checked_dataclass
-class PreferenceConfig:
-    """A preference stage: the loss mix, beta, and the usual optimisation knobs (TrainingArguments names,
-    ranges declared here; `adapt dpo --opt key=value` is checked against them)."""
+class PreferenceConfig(PostTrainOptions):
+    """A preference stage: the loss mix, beta, batch shape and length on top of the shared post-training
+    options (ranges declared here; `adapt dpo --opt key=value` is checked against them)."""
 
     loss: str = "mpo"  # a LOSS_PRESETS name
     beta: Annotated[float, Field(gt=0)] = 0.1
-    mode: str = "full"  # full | lora
-    lora_r: Annotated[int, Field(ge=1)] = 16
-    lora_alpha: Annotated[int, Field(ge=1)] = 32
-    learning_rate: Annotated[float, Field(gt=0)] = 5e-6
     lr_scheduler_type: str = "constant"
     warmup_steps: Annotated[float, Field(ge=0)] = 0.0  # below 1: a share of the steps (TrainingArguments' rule)
-    num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
-    max_steps: Annotated[int, Field(ge=-1)] = -1
     per_device_train_batch_size: Annotated[int, Field(ge=1)] = 2  # pairs per micro-batch
     gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
-    max_tiles: Annotated[int, Field(ge=1)] = 6
     max_length: Annotated[int, Field(ge=1)] = 8192
-    precision: str = "auto"
-    save_steps: Annotated[int, Field(ge=1)] = 500
-    logging_steps: Annotated[int, Field(ge=1)] = 10
-    seed: Annotated[int, Field(ge=0)] = 0
     extra: dict[str, Any] = field(default_factory=dict)  # further DPOConfig fields, passed as given
 
     def validate(self) -> None:
+        super().validate()
         if self.loss not in LOSS_PRESETS:
             raise AdaptError(f"unknown preference loss {self.loss!r}", hint=f"use one of: {', '.join(LOSS_PRESETS)}")
-        if self.mode not in ("full", "lora"):
-            raise AdaptError(f"preference training mode {self.mode!r} is not full or lora")
-        if self.beta <= 0:
-            raise AdaptError(f"beta must be positive, not {self.beta}")
 
 
 def pair_records(pair: Record) -> tuple[Record, Record]:

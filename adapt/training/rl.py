@@ -40,6 +40,7 @@ from adapt.evaluation.rewards import format_reward, task_reward
 from adapt.training.trainer import (
     LLM_LORA_TARGETS,
     CompletedCheckpoints,
+    PostTrainOptions,
     TrainConfig,
     last_complete_checkpoint,
     make_builder,
@@ -50,15 +51,10 @@ Entry = tuple[Record, str]
 
 
 @checked_dataclass
-class RLConfig:
-    """A GRPO stage: group size, sampling, reward weights and the usual optimisation knobs."""
+class RLConfig(PostTrainOptions):
+    """A GRPO stage: group size, sampling and reward weights on top of the shared post-training options."""
 
-    mode: str = "full"  # full | lora
-    lora_r: Annotated[int, Field(ge=1)] = 16
-    lora_alpha: Annotated[int, Field(ge=1)] = 32
     learning_rate: Annotated[float, Field(gt=0)] = 1e-6
-    max_steps: Annotated[int, Field(ge=-1)] = -1
-    num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
     prompts_per_step: Annotated[int, Field(ge=1)] = 2
     generations: Annotated[int, Field(ge=1)] = 4  # answers sampled per prompt (the GRPO group)
     max_new_tokens: Annotated[int, Field(ge=1)] = 64
@@ -66,15 +62,9 @@ class RLConfig:
     beta: Annotated[float, Field(ge=0)] = 0.0  # KL to the starting model (TRL's default 0: no reference model kept)
     task_weight: Annotated[float, Field(ge=0)] = 1.0
     format_weight: Annotated[float, Field(ge=0)] = 0.1
-    max_tiles: Annotated[int, Field(ge=1)] = 6
-    precision: str = "auto"
-    save_steps: Annotated[int, Field(ge=1)] = 500
-    logging_steps: Annotated[int, Field(ge=1)] = 10
-    seed: Annotated[int, Field(ge=0)] = 0
 
     def validate(self) -> None:
-        if self.mode not in ("full", "lora"):
-            raise AdaptError(f"RL training mode {self.mode!r} is not full or lora")
+        super().validate()
         if self.generations < 2:
             raise AdaptError("GRPO needs at least 2 generations per prompt (advantages are relative to the group)")
 

@@ -187,6 +187,30 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+
+@pydantic_dataclass
+class PostTrainOptions:
+    """What a post-training stage (`adapt dpo`, `adapt grpo`) shares: full or LoRA, the optimisation
+    knobs under TrainingArguments' names, and checkpointing/logging; each stage adds its own."""
+
+    mode: str = "full"  # full | lora
+    lora_r: Annotated[int, Field(ge=1)] = 16
+    lora_alpha: Annotated[int, Field(ge=1)] = 32
+    learning_rate: Annotated[float, Field(gt=0)] = 5e-6
+    num_train_epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: Annotated[int, Field(ge=-1)] = -1
+    max_tiles: Annotated[int, Field(ge=1)] = 6
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    save_steps: Annotated[int, Field(ge=1)] = 500
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    seed: Annotated[int, Field(ge=0)] = 0
+
+    def validate(self) -> None:
+        if self.mode not in ("full", "lora"):
+            raise AdaptError(f"post-training mode {self.mode!r} is not full or lora")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise AdaptError(f"unknown precision {self.precision!r}", hint="use auto, bf16, fp16 or fp32")
+
 def training_argument_fields() -> dict[str, Any]:
     """TrainingArguments' field names and types (what a passed-through option is checked against)."""
     hints = typing.get_type_hints(TrainingArguments)
