@@ -19,6 +19,7 @@ import time
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, fields
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
@@ -251,6 +252,10 @@ def _sharded_records(work: Work, plan: Plan, source: Path, tmp: Path, report: Re
                     yield from _read_part(shard.part)
                     shard.part.unlink()
                 _drain(counts, bar)
+            except BrokenProcessPool:
+                raise AdaptError(f"a formatting worker process died (killed, or out of memory) while formatting "
+                                 f"{source}; nothing was written", hint="run again, with fewer processes "
+                                 "(--num-proc) if memory is short") from None
             finally:
                 stop.set()  # on an error or an interrupt the other workers stop at their next record
     finally:
@@ -345,10 +350,11 @@ def source_text_or_skip(report: Report, texts: dict[str, Any], *, path: str | Pa
     return True
 
 
-def decoded_size(path: Path, report: Report) -> tuple[int, int]:
-    """Fully decode an image as training will (adapt.data.images) and count what was normalised."""
+def decoded_size(path: Path, report: Report, count: bool = True) -> tuple[int, int]:
+    """Fully decode an image as training will (adapt.data.images) and count what was normalised
+    (unless `count` is False: a parallel worker decoding an image that an earlier row counted)."""
     image = decode_rgb(str(path))
-    for note in image.info.get(NOTES_KEY, []):
+    for note in image.info.get(NOTES_KEY, []) if count else ():
         counts = report.stats.setdefault("images_normalized", {})
         kind = note.split(" range ")[0]
         counts[kind] = counts.get(kind, 0) + 1
@@ -463,26 +469,29 @@ class ImageChecker:
         self.root, self.report, self.decode = Path(root), report, decode
         self._cache: dict[Path, tuple[tuple[int, int] | None, str]] = {}
 
-    def size(self, rel: str, *, path: str | Path | None, row: int | None, id: str | None) -> tuple[int, int] | None:
-        """(width, height) of the image, or None after a counted skip (escaping, missing, corrupt)."""
+    def size(self, rel: str, *, path: str | Path | None, row: int | None, id: str | None,
+             first: bool = True) -> tuple[int, int] | None:
+        """(width, height) of the image, or None after a counted skip (escaping, missing, corrupt).
+        `first` is False for a row of a parallel shard whose image an earlier row of the source used:
+        its normalisation is counted once, as one process counts it."""
         try:
             target = resolve_inside(self.root, rel)
         except AdaptError as err:
             self.report.skip(err.message, path=path, row=row, id=id)
             return None
         if target not in self._cache:
-            self._cache[target] = self._probe(target)
+            self._cache[target] = self._probe(target, first)
         size, reason = self._cache[target]
         if size is None:
             self.report.skip(reason, path=path, row=row, id=id)
         return size
 
-    def _probe(self, target: Path) -> tuple[tuple[int, int] | None, str]:
+    def _probe(self, target: Path, count: bool) -> tuple[tuple[int, int] | None, str]:
         if not target.is_file():
             return None, f"image not found: {target}"
         try:
             if self.decode:
-                return decoded_size(target, self.report), ""
+                return decoded_size(target, self.report, count), ""
             return image_size(target), ""
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             return None, f"corrupt image: {target} ({err})"
