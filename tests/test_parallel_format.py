@@ -156,3 +156,29 @@ def test_class_folders_output_is_byte_identical(tmp_path):
     (tmp_path / "src" / "desert" / "2.jpg").write_bytes(b"not a jpeg")
     _, report = assert_same_output(CLASSIFICATION, tmp_path / "src", tmp_path / "out", 2, max_choices=2)
     assert report.written == 11 and report.skipped == 1 and report.stats["ignored_files"] == 1
+
+
+def test_num_proc_on_the_command_line(nuscenes, tmp_path, monkeypatch, capsys):
+    from adapt import api
+    from adapt.cli import main
+
+    _, bad = nuscenes
+    assert main(["format", "driving", "--input", str(bad), "--output", str(tmp_path / "out"), "--num-proc", "1"]) == 0
+    assert files(tmp_path / "out") == files(run_to(tmp_path / "ref", bad, num_proc=2))
+    with pytest.raises(SystemExit) as exited:
+        main(["format", "driving", "--input", str(bad), "--output", str(tmp_path / "o2"), "--num-proc", "0"])
+    assert exited.value.code == 2 and "--num-proc: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+    seen = {}
+
+    def fake_run(config, **kwargs):
+        seen["num_proc"] = config.num_proc
+        raise AdaptError("stop here")
+
+    monkeypatch.setattr(api, "run", fake_run)
+    assert main(["run", "--domain", "driving", "--num-proc", "3"]) == 2
+    assert seen == {"num_proc": 3}
+
+
+def run_to(out: Path, source: Path, **options) -> Path:
+    run(DRIVING, source, out, progress=False, **options)
+    return out
