@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import multiprocessing
-import queue
 import time
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,8 +47,8 @@ class Plan:
     `units` are the pieces of heavy work in output order (a sample to stitch and its records, an
     image to decode); each worker process gets one contiguous slice, so the output does not depend
     on how many there are. `context` is what every unit needs (options, a class list), sent once
-    per worker. Both must pickle. A worker is started only for `min_per_process` units or more,
-    since starting one (an interpreter that imports torch) costs about a second of CPU."""
+    per worker. Both must pickle. A worker is started only for `min_per_process` units or more:
+    the workers' server process imports torch and the formatter once, about a second of CPU."""
 
     units: Sequence[Any]
     context: Any = None
@@ -168,12 +167,13 @@ class _Shard:
     strict: bool
 
 
-_worker: dict[str, Any] = {}  # a worker process's progress queue and stop event
+_worker: dict[str, Any] = {}  # a worker process's progress counter and stop event
 
 
 def _start_worker(counts: Any, stop: Any, threads: int) -> None:
-    """Worker initializer: report progress to the parent, and share the cores with the other
-    workers (torch's resize would otherwise start a thread per core in every process)."""
+    """Worker initializer: count records into the counter the parent's progress bar reads (shared
+    memory: a pipe of counts could fill while the parent merges, and block a worker's exit), and
+    share the cores with the other workers (torch would start a thread per core in every one)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -193,7 +193,8 @@ def _format_shard(shard: _Shard) -> Report:
     def count(n: int) -> None:
         if stop.is_set():
             raise _Stopped
-        counts.put(n)
+        with counts.get_lock():
+            counts.value += n
 
     records = _valid(shard.work(shard.context, shard.units, shard.out, report), report, shard.root, shard.source,
                      count)
@@ -234,45 +235,32 @@ def _sharded_records(work: Work, plan: Plan, source: Path, tmp: Path, report: Re
         return
     parts = tmp / ".parts"
     parts.mkdir()
-    counts, stop = context.Queue(), context.Event()
+    counts, stop = context.Value("q", 0), context.Event()
     shards = [_Shard(work, plan.context, units[s.start:s.stop], source, tmp, root, parts / f"{i:05d}.jsonl", report.name,
                      report.strict) for i, s in enumerate(_slices(len(units), processes))]
     threads = max(1, available_cores() // processes)
     report.timing["workers"] = processes
-    try:
-        with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
-                                 initargs=(counts, stop, threads)) as pool:
-            futures = [pool.submit(_format_shard, shard) for shard in shards]
-            try:
-                for shard, future in zip(shards, futures):
-                    while not future.done():
-                        wait([future], timeout=0.2)
-                        _drain(counts, bar)
-                    merge_reports(report, future.result())  # the first failing shard in order raises
-                    yield from _read_part(shard.part)
-                    shard.part.unlink()
-                _drain(counts, bar)
-            except BrokenProcessPool:
-                raise AdaptError(f"a formatting worker process died (killed, or out of memory) while formatting "
-                                 f"{source}; nothing was written", hint="run again, with fewer processes "
-                                 "(--num-proc) if memory is short") from None
-            finally:
-                stop.set()  # on an error or an interrupt the other workers stop at their next record
-    finally:
-        counts.close()
-        counts.join_thread()
-    parts.rmdir()
-
-
-def _drain(counts: Any, bar: tqdm) -> None:
-    done = 0
-    while True:
+    shown = 0
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                             initargs=(counts, stop, threads)) as pool:
+        futures = [pool.submit(_format_shard, shard) for shard in shards]
         try:
-            done += counts.get_nowait()
-        except queue.Empty:
-            break
-    if done:
-        bar.update(done)
+            for shard, future in zip(shards, futures):
+                while not future.done():
+                    wait([future], timeout=0.2)
+                    bar.update(counts.value - shown)
+                    shown = counts.value
+                merge_reports(report, future.result())  # the first failing shard in order raises
+                yield from _read_part(shard.part)
+                shard.part.unlink()
+            bar.update(counts.value - shown)
+        except BrokenProcessPool:
+            raise AdaptError(f"a formatting worker process died (killed, or out of memory) while formatting "
+                             f"{source}; nothing was written", hint="run again, with fewer processes "
+                             "(--num-proc) if memory is short") from None
+        finally:
+            stop.set()  # on an error or an interrupt the other workers stop at their next record
+    parts.rmdir()
 
 
 def _read_part(path: Path) -> Iterator[rec.Record]:

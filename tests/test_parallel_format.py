@@ -182,3 +182,15 @@ def test_num_proc_on_the_command_line(nuscenes, tmp_path, monkeypatch, capsys):
 def run_to(out: Path, source: Path, **options) -> Path:
     run(DRIVING, source, out, progress=False, **options)
     return out
+
+
+def test_one_progress_bar_counts_every_record(nuscenes, tmp_path):
+    import io
+
+    from tqdm import tqdm
+
+    good, _ = nuscenes
+    for num_proc in (1, 2):
+        bar = tqdm(file=io.StringIO(), mininterval=0)
+        report = run(eager(DRIVING), good, tmp_path / f"out{num_proc}", progress=bar, num_proc=num_proc)
+        assert bar.n == report.written > 0
