@@ -194,3 +194,22 @@ def test_one_progress_bar_counts_every_record(nuscenes, tmp_path):
         bar = tqdm(file=io.StringIO(), mininterval=0)
         report = run(eager(DRIVING), good, tmp_path / f"out{num_proc}", progress=bar, num_proc=num_proc)
         assert bar.n == report.written > 0
+
+
+def test_dicom_output_is_byte_identical(tmp_path):
+    """Every file of the DICOM fixture twice (a file rendered by two workers, replaced atomically) and
+    a row without a label: the same PNGs, records and skips as one process."""
+    import csv
+
+    from formatters.medical import DICOM
+    from formatters.synthetic.medical import write_dicom_folder
+
+    folder = write_dicom_folder(tmp_path / "dicom")
+    with open(folder / "labels.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    with open(folder / "twice.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([rows[0], *rows[1:], ("ct.dcm", ""), *rows[1:]])
+    out, report = assert_same_output(DICOM, folder, tmp_path / "out", 3, labels=str(folder / "twice.csv"))
+    assert report.written == 10 and report.skipped == 7
+    assert sorted(name for name in out if name.endswith(".png")) == [
+        f"images/{name}.png" for name in ("cr", "ct", "mr_multiframe", "mr_voilut", "us_rgb")]
