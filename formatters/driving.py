@@ -28,6 +28,11 @@ unambiguous in the image: every object of that kind seen in the camera is clearl
 the only one of its kind in the whole sample. What is left out for these reasons is counted in
 `report.stats["not_asked"]`; broken input (a missing camera, an unreadable JPEG, an annotation
 whose box projects to nothing) is a counted skip with the sample token.
+
+In parallel (`run(..., num_proc=N)`): `plan` loads the devkit tables, makes the annotation pass,
+balances the perception answers and makes every seeded choice over the whole dataset, yielding
+one `ImageJob` per sample with its final records; `work` stitches the jobs' images in any
+process. So the records, the report and the images are the same bytes for any N.
 """
 
 from __future__ import annotations
