@@ -213,3 +213,16 @@ def test_dicom_output_is_byte_identical(tmp_path):
     assert report.written == 10 and report.skipped == 7
     assert sorted(name for name in out if name.endswith(".png")) == [
         f"images/{name}.png" for name in ("cr", "ct", "mr_multiframe", "mr_voilut", "us_rgb")]
+
+
+@pytest.mark.parametrize("extract", [False, True])
+def test_video_output_is_byte_identical(tmp_path, extract):
+    """Clips, a frame folder, a short, a broken and a missing clip over three workers, with the clips
+    kept or their frames extracted as JPEGs."""
+    from formatters.synthetic.video import write_video_dataset
+    from formatters.video import VIDEO
+
+    folder = write_video_dataset(tmp_path / "video")
+    out, report = assert_same_output(VIDEO, folder, tmp_path / "out", 3, extract_frames=extract)
+    assert report.written == 3 and report.skipped == 3
+    assert sum(name.endswith(".jpg") for name in out) == (24 if extract else 0)
