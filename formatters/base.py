@@ -288,7 +288,7 @@ def _merge_stats(into: dict[str, Any], part: dict[str, Any]) -> None:
             into[key] = copy.deepcopy(value)
         elif isinstance(value, dict) and isinstance(into[key], dict):
             _merge_stats(into[key], value)
-        elif isinstance(value, (int, float)) and isinstance(into[key], (int, float)):
+        elif isinstance(value, (int, float)) and isinstance(into[key], (int, float)) and not isinstance(value, bool):
             into[key] += value
 
 
