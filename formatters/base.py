@@ -248,8 +248,9 @@ def _sharded_records(work: Work, plan: Plan, source: Path, tmp: Path, report: Re
             for shard, future in zip(shards, futures):
                 while not future.done():
                     wait([future], timeout=0.2)
-                    bar.update(counts.value - shown)
-                    shown = counts.value
+                    now = counts.value
+                    bar.update(now - shown)
+                    shown = now
                 merge_reports(report, future.result())  # the first failing shard in order raises
                 yield from _read_part(shard.part)
                 shard.part.unlink()
