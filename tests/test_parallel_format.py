@@ -226,3 +226,53 @@ def test_video_output_is_byte_identical(tmp_path, extract):
     out, report = assert_same_output(VIDEO, folder, tmp_path / "out", 3, extract_frames=extract)
     assert report.written == 3 and report.skipped == 3
     assert sum(name.endswith(".jpg") for name in out) == (24 if extract else 0)
+
+
+@pytest.fixture
+def grounding_rows(tmp_path) -> Path:
+    """Plain grounding rows over four images shared by several rows (one EXIF-rotated, used first and
+    last), with reader skips (a malformed line, a row without a box) among check skips (a box
+    outside the image, a missing image, an empty expression)."""
+    import json
+
+    folder = tmp_path / "g"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (80, 60, 3), dtype=np.uint8)).save(folder / "turned.jpg", exif=exif)
+    rows = [{"image": "turned.jpg", "expression": "a car", "box": [1, 2, 30, 40]},
+            {"image": "0.png", "expression": "a tree", "box": [0.1, 0.1, 0.5, 0.5]},
+            "{broken",
+            {"image": "1.png", "expression": "a sign", "box": [5, 5, 200, 20]},
+            {"image": "2.png", "expression": "a road"},
+            {"image": "ghost.png", "expression": "a cat", "box": [1, 1, 5, 5]},
+            {"image": "0.png", "expression": "", "box": [1, 1, 5, 5]},
+            {"image": "1.png", "expression": "a bus", "boxes": [[1, 1, 20, 20], [30, 30, 50, 50]]},
+            {"image": "./turned.jpg", "expression": "a bike", "box": [3, 3, 9, 9]}]
+    (folder / "rows.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return folder / "rows.jsonl"
+
+
+def test_grounding_and_region_output_is_byte_identical(grounding_rows, tmp_path):
+    from formatters.grounding import GROUNDING
+    from formatters.region import REGION
+
+    _, report = assert_same_output(GROUNDING, grounding_rows, tmp_path / "grounding", 3)
+    assert report.written == 4 and [skip.row for skip in report.skips] == [3, 4, 5, 6, 7]
+    assert report.stats["images_normalized"] == {"EXIF orientation 6 applied": 1}
+    assert_same_output(REGION, grounding_rows, tmp_path / "region", 3)
+
+
+def test_grounding_strict_stops_on_the_first_bad_line(grounding_rows, tmp_path):
+    """Line 3 (malformed, found while reading) comes before line 4 (box outside the image, found while
+    checking, in another worker): the error names line 3, as one pass over the file does."""
+    from formatters.grounding import GROUNDING
+
+    with pytest.raises(AdaptError) as one:
+        run(GROUNDING, grounding_rows, tmp_path / "one", progress=False, strict=True, num_proc=1)
+    with pytest.raises(AdaptError) as many:
+        run(eager(GROUNDING), grounding_rows, tmp_path / "many", progress=False, strict=True, num_proc=3)
+    assert str(many.value) == str(one.value) and f"{grounding_rows}:3:" in str(one.value)
