@@ -122,14 +122,15 @@ def run_name(config: RunConfig) -> str:
 # steps
 # ----------------------------------------------------------------------------------------------
 def format_source(source: DataSource, out: str | Path, *, strict: bool = False, overwrite: bool = False,
-                  progress: bool | tqdm = True) -> Report:
-    """Run one formatter (`adapt format`); an existing complete output is reused. `progress` may be
-    the formatting phase's display, which counts the records of every source."""
+                  progress: bool | tqdm = True, num_proc: int | None = None) -> Report:
+    """Run one formatter (`adapt format`) in `num_proc` processes (None: the cores available); an
+    existing complete output is reused. `progress` may be the formatting phase's display, which
+    counts the records of every source."""
     out = Path(out)
     if (out / "meta.json").is_file() and not overwrite:
         return Report(name=source.label)
     report = run_formatter(formatters.get(source.kind), source.path, out, name=source.label, strict=strict,
-                           overwrite=overwrite, progress=progress, **source.options)
+                           overwrite=overwrite, progress=progress, num_proc=num_proc, **source.options)
     say(report.summary())
     return report
 
@@ -179,7 +180,8 @@ def format_data(config: RunConfig, folder: str | Path) -> dict[str, list[Path]]:
     with console.phase("formatting", unit="rec") as bar:
         for kind, items in zip(("domain", "general"), source_lists(config, domain, folder)):
             for item in items:
-                format_source(item, folder / "formatted" / item.label, strict=config.strict, progress=bar)
+                format_source(item, folder / "formatted" / item.label, strict=config.strict, progress=bar,
+                              num_proc=config.num_proc)
                 out[kind].append(folder / "formatted" / item.label)
     return out
 
@@ -225,7 +227,7 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
         for kind, items, bucket in (("domain", data, domain_sources), ("general", general, general_sources)):
             for item in items:
                 out = formatted_dir / item.label
-                format_source(item, out, strict=config.strict, progress=bar)
+                format_source(item, out, strict=config.strict, progress=bar, num_proc=config.num_proc)
                 loaded_sources = mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label,
                                                      report=report, seed=seed)
                 for source in loaded_sources if item.max_tiles else ():

@@ -1,7 +1,7 @@
 """`adapt` command line: a thin layer over adapt.api (the notebooks call the same functions).
 
     adapt run --domain driving --general-ratio 0.25      # the demo when no --data is given
-    adapt format KIND --input SRC --output OUT [--opt key=value] [--strict]
+    adapt format KIND --input SRC --output OUT [--opt key=value] [--strict] [--num-proc N]
     adapt filter INPUT... --output OUT [--eval SET] [--heldout SET] [--set key=value] [--config YAML]
     adapt eval RUN_DIR [--model DIR] [--judge MODEL] [--out REPORT.json]
     adapt export RUN_DIR --out DIR
@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         api.run(resume=args.resume, progress=not args.quiet)
         return 0
     config = api.load_config_file(args.config) if args.config else api.RunConfig()
-    for attr in ("domain", "general_ratio", "model", "mix_by", "seed", "runs_dir", "name"):
+    for attr in ("domain", "general_ratio", "model", "mix_by", "seed", "runs_dir", "name", "num_proc"):
         if getattr(args, attr) is not None:  # flags override the config file, checked as it is
             setattr(config, attr, getattr(args, attr))
     if args.data:
@@ -77,7 +77,7 @@ def cmd_format(args: argparse.Namespace) -> int:
     from formatters.base import run
 
     report = run(formatters.get(args.kind), args.input, args.output, strict=args.strict, overwrite=args.overwrite,
-                 **_options(args.opt))
+                 num_proc=args.num_proc, **_options(args.opt))
     print(report.summary())
     for skip in report.skips[:20]:
         print(f"  skipped {skip}")
@@ -100,6 +100,21 @@ def cmd_filter(args: argparse.Namespace) -> int:
     print(report.summary())
     print(f"wrote {Path(args.output) / 'meta.json'} and {Path(args.output) / 'filter_report.json'}")
     return 0
+
+
+NUM_PROC_HELP = ("processes that format the data (default: the cores available); any number writes the same "
+                 "bytes")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a process count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _setting(text: str) -> Any:
@@ -225,6 +240,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--upsample", action="store_true", help="allow repeating general sources that are too small")
     run.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
+    run.add_argument("--num-proc", type=_positive, help=NUM_PROC_HELP)
     run.add_argument("--runs-dir")
     run.add_argument("--name")
     run.add_argument("--no-export", action="store_true")
@@ -239,6 +255,7 @@ def parser() -> argparse.ArgumentParser:
     fmt.add_argument("--opt", action="append", help="formatter option key=value (repeatable)")
     fmt.add_argument("--strict", action="store_true")
     fmt.add_argument("--overwrite", action="store_true")
+    fmt.add_argument("--num-proc", type=_positive, help=NUM_PROC_HELP)
     fmt.set_defaults(func=cmd_format)
 
     flt = sub.add_parser("filter", help="drop duplicate, looping, broken or contaminated samples (a report says which)")

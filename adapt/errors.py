@@ -32,6 +32,18 @@ class AdaptError(Exception):
         text = f"{where}{self.message}"
         return f"{text}\n  hint: {self.hint}" if self.hint else text
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its parts, so an error raised in a worker process (parallel formatting)
+        reaches the parent with its file, row and hint, not as one flattened string."""
+        return _rebuild_error, (type(self), self.message, self.path, self.row, self.hint)
+
+
+def _rebuild_error(cls: type[AdaptError], message: str, path: str | Path | None, row: int | None,
+                   hint: str | None) -> AdaptError:
+    err = cls.__new__(cls)
+    AdaptError.__init__(err, message, path=path, row=row, hint=hint)
+    return err
+
 
 def field_path(value: Any, loc: tuple[int | str, ...], prefix: str = "") -> str:
     """A pydantic error location as the path a user reads (conversations[2].value, train.seed):
@@ -93,6 +105,9 @@ class Report:
     skips: list[Skip] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # seconds per step and worker processes used, for benchmarks; not saved, so that report.json
+    # describes the data only and is the same bytes for every run over the same input
+    timing: dict[str, float] = field(default_factory=dict)
 
     def skip(self, reason: str, *, path: str | Path | None = None, row: int | None = None,
              id: str | None = None) -> None:

@@ -11,10 +11,17 @@ images, else the source folder (no copies of images the source already has).
 
 from __future__ import annotations
 
+import copy
 import json
+import multiprocessing
+import time
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, fields
+from multiprocessing import forkserver
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +29,7 @@ from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
+from adapt.config import available_cores, resolve_num_proc
 from adapt.data import records as rec
 from adapt.data.images import NOTES_KEY, decode_rgb, image_size
 from adapt.data.text import source_problem
@@ -29,6 +37,22 @@ from adapt.errors import AdaptError, Report, validation_problems
 from adapt.fileio import atomic_dir, resolve_inside
 
 Generator = Callable[..., Iterator[rec.Record]]
+Work = Callable[[Any, Sequence[Any], Path, Report], Iterator[rec.Record]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a sharded formatter decides in one pass over the whole source, in the parent process.
+
+    `units` are the pieces of heavy work in output order (a sample to stitch and its records, an
+    image to decode); each worker process gets one contiguous slice, so the output does not depend
+    on how many there are. `context` is what every unit needs (options, a class list), sent once
+    per worker. Both must pickle. A worker is started only for `min_per_process` units or more:
+    the workers' server process imports torch and the formatter once, about a second of CPU."""
+
+    units: Sequence[Any]
+    context: Any = None
+    min_per_process: int = 1
 
 
 @dataclass(frozen=True)
@@ -38,18 +62,38 @@ class Formatter:
     `generate(source, out, report, **options)` yields records, writing derived images under `out`
     and reporting bad rows with `report.skip`. `image_root(source, **options)` returns the folder
     the yielded image paths are relative to, or None when they are derived files under `out`.
+
+    A formatter whose rows are heavy (image decode and encode) also gives `plan` and `work` (see
+    `sharded`): `plan(source, out, report, **options) -> Plan` makes every choice that needs the
+    whole source, `work(context, units, out, report)` yields the records of some units; `run`
+    spreads the units over processes. Text-only formatters keep one process.
     """
 
     kind: str
     generate: Generator
     image_root: Callable[..., Path | None] = lambda source, **options: None
     summary: str = ""
+    plan: Callable[..., Plan] | None = None
+    work: Work | None = None
+
+
+def sharded(kind: str, plan: Callable[..., Plan], work: Work, image_root: Callable[..., Path | None],
+            summary: str = "") -> Formatter:
+    """A formatter split into a whole-source `plan` and per-unit `work`; its `generate` runs both here."""
+    def generate(source: Path, out: Path, report: Report, **options: Any) -> Iterator[rec.Record]:
+        made = plan(source, out, report, **options)
+        yield from work(made.context, made.units, out, report)
+
+    return Formatter(kind, generate, image_root, summary, plan=plan, work=work)
 
 
 def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str | None = None,
-        strict: bool = False, overwrite: bool = False, progress: bool | tqdm = True, **options: Any) -> Report:
+        strict: bool = False, overwrite: bool = False, progress: bool | tqdm = True, num_proc: int | None = None,
+        **options: Any) -> Report:
     """Run one formatter into `out` (atomically: a killed run leaves nothing that looks complete).
     `progress` is a bool (a bar for this source or none) or a run's formatting bar to count into.
+    `num_proc` (default: the cores available) processes share a sharded formatter's work; the
+    output (records, meta, report, derived images) is the same bytes for any number.
 
     Records carry no tile budget: that is a training choice (the run config's max_tiles), so the
     same formatted data serves a 6-tile and a 24-tile run alike."""
@@ -59,35 +103,30 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
         raise AdaptError("input not found", path=source, hint="pass the dataset folder or annotation file")
     report = Report(name=name, strict=strict)
     root = formatter.image_root(source, **options)
-    generator = formatter.generate
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        image_root = Path(root) if root is not None else out
-
-        ids = UniqueIds(report)
-
-        def checked() -> Iterator[rec.Record]:
-            shared = progress if isinstance(progress, tqdm) else None
-            records = generator(source, tmp, report, **options)
-            if shared is None:
-                records = tqdm(records, desc=name, unit="rec", disable=not progress, leave=False)
+        check_root = tmp if root is None else Path(root)
+        shared = progress if isinstance(progress, tqdm) else None
+        bar = shared if shared is not None else tqdm(desc=name, unit="rec", disable=not progress, leave=False)
+        if shared is not None:
+            shared.set_postfix_str(name, refresh=False)
+        try:
+            if formatter.plan is not None and formatter.work is not None:
+                processes = resolve_num_proc(num_proc)
+                # workers start from a server that imports the formatter while this process plans
+                context = _worker_context(formatter.work) if processes > 1 else None
+                made = formatter.plan(source, tmp, report, **options)
+                records = _sharded_records(formatter.work, made, source, tmp, report, check_root, bar,
+                                           processes, context)
             else:
-                shared.set_postfix_str(name, refresh=False)
-            for record in records:
-                where_root = tmp if root is None else image_root
-                found = rec.problems(record, root=where_root, check_files=True)
-                if found:  # the same rule `adapt run` applies when it reads records back
-                    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-                    report.skip("invalid record: " + "; ".join(found), path=meta.get("annotation", source),
-                                row=meta.get("row"), id=str(record.get("id")))
-                    continue
-                ids.assign(record)
-                report.written += 1
-                if shared is not None:
-                    shared.update()
-                yield record
-
-        rec.write_jsonl(tmp / "records.jsonl", checked())
+                records = _valid(formatter.generate(source, tmp, report, **options), report, check_root, source,
+                                 bar.update)
+            ids = UniqueIds(report)
+            rec.write_jsonl(tmp / "records.jsonl", ids.assign_all(records))
+            ids.finish()
+        finally:
+            if shared is None:
+                bar.close()
         meta_root = "." if root is None else str(Path(root).resolve())
         rec.write_meta(tmp / "meta.json", [rec.DatasetSpec(name=name, root=meta_root, annotation="records.jsonl")])
         if report.written == 0:
@@ -96,11 +135,172 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
     return report
 
 
+def _valid(records: Iterable[rec.Record], report: Report, root: Path, source: Path,
+           count: Callable[[int], Any]) -> Iterator[rec.Record]:
+    """The records that pass the same rule `adapt run` applies when it reads them back (the others
+    are located skips); `count(1)` per record passed on, for the progress bar."""
+    for record in records:
+        found = rec.problems(record, root=root, check_files=True)
+        if found:
+            meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+            report.skip("invalid record: " + "; ".join(found), path=meta.get("annotation", source),
+                        row=meta.get("row"), id=str(record.get("id")))
+            continue
+        count(1)
+        yield record
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel formatting: contiguous shards of a plan's units, one part file each, merged in order
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Shard:
+    work: Work
+    context: Any
+    units: Sequence[Any]
+    source: Path
+    out: Path
+    root: Path
+    part: Path
+    name: str
+    strict: bool
+
+
+_worker: dict[str, Any] = {}  # a worker process's progress counter and stop event
+
+
+def _start_worker(counts: Any, stop: Any, threads: int) -> None:
+    """Worker initializer: count records into the counter the parent's progress bar reads (shared
+    memory: a pipe of counts could fill while the parent merges, and block a worker's exit), and
+    share the cores with the other workers (torch would start a thread per core in every one)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _worker.update(counts=counts, stop=stop)
+
+
+class _Stopped(Exception):
+    """The parent asked the workers to stop (another shard failed, or the run was interrupted)."""
+
+
+def _format_shard(shard: _Shard) -> Report:
+    """Worker: the records of one slice of units into its part file; returns the slice's report."""
+    started = time.process_time()
+    report = Report(name=shard.name, strict=shard.strict)
+    counts, stop = _worker["counts"], _worker["stop"]
+
+    def count(n: int) -> None:
+        if stop.is_set():
+            raise _Stopped
+        with counts.get_lock():
+            counts.value += n
+
+    records = _valid(shard.work(shard.context, shard.units, shard.out, report), report, shard.root, shard.source,
+                     count)
+    rec.write_jsonl(shard.part, records)
+    report.timing["worker_cpu"] = time.process_time() - started  # the benchmark's CPU seconds per sample
+    return report
+
+
+def _slices(n_units: int, n_shards: int) -> list[range]:
+    """`n_shards` contiguous ranges covering 0..n_units, sizes differing by one at most."""
+    bounds = [n_units * i // n_shards for i in range(n_shards + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _worker_context(work: Work) -> BaseContext:
+    """Where the OS has it, forkserver: one server process imports the formatter (and torch) once,
+    started now so that it does so while the parent plans, and forks every worker from it; else
+    spawn. Never plain fork: the parent may have torch and its threads loaded."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, work.__module__])  # no effect once the server runs
+    forkserver.ensure_running()
+    return context
+
+
+def _sharded_records(work: Work, plan: Plan, source: Path, tmp: Path, report: Report, root: Path, bar: tqdm,
+                     num_proc: int, context: BaseContext | None) -> Iterator[rec.Record]:
+    """The plan's records in unit order: worked here when one process is enough, else by
+    `num_proc` worker processes whose part files and reports are merged in shard order (each
+    worker's skips are in its rows' order, so the merged report reads as one process's)."""
+    units = list(plan.units)
+    processes = max(1, min(num_proc, len(units) // max(plan.min_per_process, 1)))
+    if processes == 1 or context is None:
+        shard_report = Report(name=report.name, strict=report.strict)
+        yield from _valid(work(plan.context, units, tmp, shard_report), shard_report, root, source, bar.update)
+        merge_reports(report, shard_report)
+        return
+    parts = tmp / ".parts"
+    parts.mkdir()
+    counts, stop = context.Value("q", 0), context.Event()
+    shards = [_Shard(work, plan.context, units[s.start:s.stop], source, tmp, root, parts / f"{i:05d}.jsonl", report.name,
+                     report.strict) for i, s in enumerate(_slices(len(units), processes))]
+    threads = max(1, available_cores() // processes)
+    report.timing["workers"] = processes
+    shown = 0
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                             initargs=(counts, stop, threads)) as pool:
+        futures = [pool.submit(_format_shard, shard) for shard in shards]
+        try:
+            for shard, future in zip(shards, futures):
+                while not future.done():
+                    wait([future], timeout=0.2)
+                    now = counts.value
+                    bar.update(now - shown)
+                    shown = now
+                merge_reports(report, future.result())  # the first failing shard in order raises
+                yield from _read_part(shard.part)
+                shard.part.unlink()
+            bar.update(counts.value - shown)
+        except BrokenProcessPool:
+            raise AdaptError(f"a formatting worker process died (killed, or out of memory) while formatting "
+                             f"{source}; nothing was written", hint="run again, with fewer processes "
+                             "(--num-proc) if memory is short") from None
+        finally:
+            stop.set()  # on an error or an interrupt the other workers stop at their next record
+    parts.rmdir()
+
+
+def _read_part(path: Path) -> Iterator[rec.Record]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def merge_reports(into: Report, part: Report) -> None:
+    """Add a later slice's report to `into`: counts and skips in order, stats summed (numbers) or
+    merged key by key (dicts, kept in first-seen order), anything else kept from the first slice."""
+    into.read += part.read
+    into.written += part.written
+    into.skips.extend(part.skips)
+    for warning in part.warnings:
+        into.warn(warning)
+    _merge_stats(into.stats, part.stats)
+    for step, seconds in part.timing.items():
+        into.timing[step] = into.timing.get(step, 0.0) + seconds
+
+
+def _merge_stats(into: dict[str, Any], part: dict[str, Any]) -> None:
+    for key, value in part.items():
+        if key not in into:
+            into[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(into[key], dict):
+            _merge_stats(into[key], value)
+        elif isinstance(value, (int, float)) and isinstance(into[key], (int, float)) and not isinstance(value, bool):
+            into[key] += value
+
+
 class UniqueIds:
-    """Gives every written record a distinct id; a clash is renamed `id#2`, `id#3`... and reported."""
+    """Gives every written record a distinct id; a clash is renamed `id#2`, `id#3`... and reported
+    (in `report.stats` by `finish`, after the formatter's own stats)."""
 
     def __init__(self, report: Report) -> None:
         self.report, self.seen = report, set()
+        self.renamed: dict[str, str] = {}
+        self.clashes = 0
 
     def assign(self, record: rec.Record) -> None:
         ident = str(record.get("id")) if record.get("id") not in (None, "") else f"row-{self.report.written + 1}"
@@ -109,12 +309,23 @@ class UniqueIds:
             n += 1
             new = f"{ident}#{n}"
         if new != ident:
-            renamed = self.report.stats.setdefault("renamed_ids", {})
-            if len(renamed) < 1000:
-                renamed[f"{ident} (record {self.report.written + 1})"] = new
-            self.report.stats["duplicate_ids_renamed"] = self.report.stats.get("duplicate_ids_renamed", 0) + 1
+            if len(self.renamed) < 1000:
+                self.renamed[f"{ident} (record {self.report.written + 1})"] = new
+            self.clashes += 1
         self.seen.add(new)
         record["id"] = new
+
+    def assign_all(self, records: Iterable[rec.Record]) -> Iterator[rec.Record]:
+        """Each record with its unique id, counted as written."""
+        for record in records:
+            self.assign(record)
+            self.report.written += 1
+            yield record
+
+    def finish(self) -> None:
+        if self.clashes:
+            self.report.stats["renamed_ids"] = self.renamed
+            self.report.stats["duplicate_ids_renamed"] = self.clashes
 
 
 def source_text_or_skip(report: Report, texts: dict[str, Any], *, path: str | Path | None, row: int | None,
@@ -128,10 +339,11 @@ def source_text_or_skip(report: Report, texts: dict[str, Any], *, path: str | Pa
     return True
 
 
-def decoded_size(path: Path, report: Report) -> tuple[int, int]:
-    """Fully decode an image as training will (adapt.data.images) and count what was normalised."""
+def decoded_size(path: Path, report: Report, count: bool = True) -> tuple[int, int]:
+    """Fully decode an image as training will (adapt.data.images) and count what was normalised
+    (unless `count` is False: a parallel worker decoding an image that an earlier row counted)."""
     image = decode_rgb(str(path))
-    for note in image.info.get(NOTES_KEY, []):
+    for note in image.info.get(NOTES_KEY, []) if count else ():
         counts = report.stats.setdefault("images_normalized", {})
         kind = note.split(" range ")[0]
         counts[kind] = counts.get(kind, 0) + 1
@@ -246,26 +458,29 @@ class ImageChecker:
         self.root, self.report, self.decode = Path(root), report, decode
         self._cache: dict[Path, tuple[tuple[int, int] | None, str]] = {}
 
-    def size(self, rel: str, *, path: str | Path | None, row: int | None, id: str | None) -> tuple[int, int] | None:
-        """(width, height) of the image, or None after a counted skip (escaping, missing, corrupt)."""
+    def size(self, rel: str, *, path: str | Path | None, row: int | None, id: str | None,
+             first: bool = True) -> tuple[int, int] | None:
+        """(width, height) of the image, or None after a counted skip (escaping, missing, corrupt).
+        `first` is False for a row of a parallel shard whose image an earlier row of the source used:
+        its normalisation is counted once, as one process counts it."""
         try:
             target = resolve_inside(self.root, rel)
         except AdaptError as err:
             self.report.skip(err.message, path=path, row=row, id=id)
             return None
         if target not in self._cache:
-            self._cache[target] = self._probe(target)
+            self._cache[target] = self._probe(target, first)
         size, reason = self._cache[target]
         if size is None:
             self.report.skip(reason, path=path, row=row, id=id)
         return size
 
-    def _probe(self, target: Path) -> tuple[tuple[int, int] | None, str]:
+    def _probe(self, target: Path, count: bool) -> tuple[tuple[int, int] | None, str]:
         if not target.is_file():
             return None, f"image not found: {target}"
         try:
             if self.decode:
-                return decoded_size(target, self.report), ""
+                return decoded_size(target, self.report, count), ""
             return image_size(target), ""
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             return None, f"corrupt image: {target} ({err})"

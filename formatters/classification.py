@@ -23,6 +23,7 @@ are the subset), `prompt_prefix`, `prompt_suffix`, `source_name`, `domain`.
   list is `classes` (a list, or a text file with one class per line, or a JSON list), else the
   folder names / the labels found. A label not in the class list is a counted skip with file and
   row (CSV row = line number), as are missing and corrupt images.
+  Rows are checked and their images decoded in parallel (`run(..., num_proc=N)`), same output.
 - MEDMNIST reads `<flag>.npz` (`{split}_images` (N, H, W) grayscale or (N, H, W, 3) RGB uint8,
   `{split}_labels` (N,) or (N, 1)) and writes PNGs under `out/images/`; `label_names` (a list, a JSON
   file with a list or MedMNIST's `{"0": "name", ...}` dict, read relative to the working directory)
@@ -35,10 +36,11 @@ are the subset), `prompt_prefix`, `prompt_suffix`, `source_name`, `domain`.
 from __future__ import annotations
 
 import csv
+import os
 import random
 import string
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +55,12 @@ from formatters.base import (
     IMAGE_EXTENSIONS,
     Formatter,
     ImageChecker,
+    Plan,
     choose,
     iter_json_rows,
     load_json,
     parse_options,
+    sharded,
     turn,
 )
 from formatters.grounding import default_name
@@ -206,11 +210,22 @@ def _label_rows(path: Path, opts: ClassificationOptions, report: Report) -> Iter
             yield row, None, None
 
 
-def _classification(source: Path, out: Path, report: Report, **options: Any) -> Iterator[rec.Record]:
+@dataclass(frozen=True)
+class _Rows:
+    """What every row of a classification source needs (a worker gets it once)."""
+
+    opts: ClassificationOptions
+    root: Path
+    name: str
+    classes: list[str]
+    mc: MultipleChoice
+
+
+def _classification_plan(source: Path, out: Path, report: Report, **options: Any) -> Plan:
+    """The rows (row, label file, image, label, first use of the image) and the class list."""
     opts = parse_options(ClassificationOptions, options, "classification")
     root = _classification_root(source, opts)
     name = opts.source_name or default_name(source)
-    checker = ImageChecker(root, report)
     if source.is_dir():
         folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
         classes = _class_list(opts.classes, source) or [p.name for p in folders]
@@ -228,9 +243,25 @@ def _classification(source: Path, out: Path, report: Report, **options: Any) -> 
         found = sorted({str(label).strip() for *_, label in samples if isinstance(label, (str, int)) and str(label).strip()})
         classes = _class_list(opts.classes, source.parent) or found
     mc = MultipleChoice("classification", classes, opts)
+    seen: set[str] = set()
+    units = []
     for row, path, image, label in samples:
+        key = os.path.normpath(image.strip()) if isinstance(image, str) and image.strip() else ""
+        units.append((row, path, image, label, key not in seen))
+        seen.add(key)
+    # a row is one image decode (milliseconds): a worker pays off from a few hundred
+    return Plan(units, _Rows(opts, root, name, classes, mc), min_per_process=200)
+
+
+def _classification_rows(rows: _Rows, units: Sequence[tuple[Any, ...]], out: Path,
+                         report: Report) -> Iterator[rec.Record]:
+    """One multiple-choice record per usable row (each image fully decoded)."""
+    opts, name, classes, mc = rows.opts, rows.name, rows.classes, rows.mc
+    checker = ImageChecker(rows.root, report)
+    for row, path, image, label, first in units:
         report.read += 1
-        where = path if path is not None else (source / image if isinstance(image, str) else source)
+        # a label file row is located by file:row; a class-folder image (whose root is the source) by its path
+        where = path if path is not None else (rows.root / image if isinstance(image, str) else rows.root)
         ident = f"{name}-{row}" if row is not None else f"{name}-{Path(str(image)).with_suffix('').as_posix()}"
         label = str(label).strip() if isinstance(label, (str, int)) and not isinstance(label, bool) else ""
         if not isinstance(image, str) or not image.strip() or not label:
@@ -242,7 +273,7 @@ def _classification(source: Path, out: Path, report: Report, **options: Any) -> 
         if not mc.keeps(label):
             _count(report, "outside_subset")
             continue
-        size = checker.size(image.strip(), path=where, row=row, id=ident)
+        size = checker.size(image.strip(), path=where, row=row, id=ident, first=first)
         if size is not None:
             yield _record(ident, image.strip(), size, label, mc, name, opts.domain)
 
@@ -367,7 +398,7 @@ def _medmnist(source: Path, out: Path, report: Report, **options: Any) -> Iterat
         raise AdaptError(f"{count} images but {len(labels)} labels in split {opts.split}", path=source)
 
 
-CLASSIFICATION = Formatter("classification", _classification, _classification_image_root,
-                           "Class folders (AID, UC Merced) or a label file -> multiple-choice classification")
+CLASSIFICATION = sharded("classification", _classification_plan, _classification_rows, _classification_image_root,
+                         "Class folders (AID, UC Merced) or a label file -> multiple-choice classification")
 MEDMNIST = Formatter("medmnist", _medmnist, lambda source, **options: None,
                      "MedMNIST <flag>.npz -> PNGs + multiple-choice classification")

@@ -20,16 +20,18 @@ is never taken as pixels: with the default `box_format="auto"` of plain rows it 
 `adapt.data.boxes.looks_normalized` and converted; with an explicit pixel format it is a counted skip
 whose reason says which option to pass. Boxes outside the image or of zero area are counted skips.
 
-The readers (`read_targets`) are reused by the region formatter.
+The readers (`plan_targets`, `check_targets`) are reused by the region formatter; the image checks
+run in parallel with `run(..., num_proc=N)`, same output.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,14 +40,15 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 
 from adapt.data import boxes as bx
 from adapt.data import records as rec
-from adapt.errors import AdaptError, Report, validation_problems
+from adapt.errors import AdaptError, Report, Skip, validation_problems
 from formatters.base import (
-    Formatter,
     ImageChecker,
+    Plan,
     choose,
     iter_json_rows,
     load_json,
     parse_options,
+    sharded,
     source_text_or_skip,
     turn,
 )
@@ -161,9 +164,37 @@ def reader_root(source: Path, opts: ReaderOptions) -> Path:
     return base / opts.images if opts.images else base
 
 
-def read_targets(source: Path, report: Report, opts: ReaderOptions, *, group: bool) -> Iterator[Target]:
-    """Checked targets from any supported input. `group` merges all COCO boxes of one category in one
-    image into one target (grounding); without it every annotation is its own target (region)."""
+@dataclass(frozen=True)
+class TargetUnit:
+    """One step of a grounding or region source, in file order: a candidate to check (with whether
+    it is its image's first use), or a skip its reader made; `reads` rows the reader counted before it."""
+
+    candidate: _Candidate | None
+    first: bool = False
+    skip: Skip | None = None
+    reads: int = 0
+
+
+class _ReaderReport(Report):
+    """The report readers fill while planning: each skip becomes a unit, so that `check_targets`
+    reports it in file order among the checks of the candidates (and `--strict` stops on the first
+    bad row of the file, as one pass over it would). Stats and warnings go to the run's report."""
+
+    def __init__(self, real: Report, units: list[TargetUnit]) -> None:
+        super().__init__(name=real.name, stats=real.stats, warnings=real.warnings)
+        self.units = units
+
+    def skip(self, reason: str, *, path: str | Path | None = None, row: int | None = None,
+             id: str | None = None) -> None:
+        self.units.append(TargetUnit(None, skip=Skip(reason, str(path) if path is not None else None, row, id),
+                                     reads=self.read))
+        self.read = 0
+
+
+def plan_targets(source: Path, report: Report, opts: ReaderOptions, *, group: bool) -> list[TargetUnit]:
+    """Every candidate and reader skip of any supported input, in file order (the image checks run in
+    `check_targets`, possibly in several processes). `group` merges all COCO boxes of one category
+    in one image into one target (grounding); without it every annotation is its own target (region)."""
     choose("grounding", "box_format", opts.box_format, BOX_FORMATS)
     choose("grounding", "sentences", opts.sentences, ("all", "first"))
     fmt = detect_format(source, opts.format)
@@ -171,10 +202,31 @@ def read_targets(source: Path, report: Report, opts: ReaderOptions, *, group: bo
         raise AdaptError(f"option split={opts.split!r} applies to refcoco and voc inputs, not {fmt}", path=source)
     name = opts.source_name or default_name(source)
     readers = {"coco": _read_coco, "refcoco": _read_refcoco, "voc": _read_voc, "jsonl": _read_plain}
-    checker = ImageChecker(reader_root(source, opts), report)
-    for cand in readers[fmt](source, report, opts, name, group):
+    units: list[TargetUnit] = []
+    reader = _ReaderReport(report, units)
+    seen: set[str] = set()
+    for cand in readers[fmt](source, reader, opts, name, group):
+        key = os.path.normpath(cand.image) if isinstance(cand.image, str) and cand.image else ""
+        units.append(TargetUnit(cand, key not in seen, reads=reader.read))
+        reader.read = 0
+        seen.add(key)
+    if reader.read:
+        units.append(TargetUnit(None, reads=reader.read))
+    return units
+
+
+def check_targets(root: Path, units: Sequence[TargetUnit], report: Report) -> Iterator[Target]:
+    """The candidates whose expression, image (fully decoded, once per process) and boxes are usable;
+    the readers' skips reported in their place."""
+    checker = ImageChecker(root, report)
+    for unit in units:
+        report.read += unit.reads
+        if unit.skip is not None:
+            report.skip(unit.skip.reason, path=unit.skip.path, row=unit.skip.row, id=unit.skip.id)
+        if unit.candidate is None:
+            continue
         report.read += 1
-        target = _check(cand, checker, report)
+        target = _check(unit.candidate, checker, report, unit.first)
         if target is not None:
             yield target
 
@@ -218,7 +270,7 @@ def to_pixels(raw: Any, box_format: str, width: int, height: int) -> tuple[list[
     return bx.clamp(px, width, height), fmt
 
 
-def _check(cand: _Candidate, checker: ImageChecker, report: Report) -> Target | None:
+def _check(cand: _Candidate, checker: ImageChecker, report: Report, first: bool = True) -> Target | None:
     if not cand.expression or not isinstance(cand.expression, str) or not cand.expression.strip():
         report.skip("empty or missing referring expression", path=cand.path, row=cand.row, id=cand.id)
         return None
@@ -228,7 +280,7 @@ def _check(cand: _Candidate, checker: ImageChecker, report: Report) -> Target | 
     if not cand.boxes:
         report.skip("no box for the expression", path=cand.path, row=cand.row, id=cand.id)
         return None
-    size = checker.size(cand.image, path=cand.path, row=cand.row, id=cand.id)
+    size = checker.size(cand.image, path=cand.path, row=cand.row, id=cand.id, first=first)
     if size is None:
         return None
     boxes_px, used_norm = [], 0
@@ -462,18 +514,34 @@ class GroundingOptions(ReaderOptions):
     question: str = GROUNDING_QUESTION
 
 
-def generate(source: Path, out: Path, report: Report, **options: Any) -> Iterator[rec.Record]:
+@dataclass(frozen=True)
+class TargetJob:
+    """What turning a grounding or region source's candidates into records needs (sent to each worker)."""
+
+    opts: Any
+    name: str
+    root: Path
+
+
+def plan(source: Path, out: Path, report: Report, **options: Any) -> Plan:
     opts = parse_options(GroundingOptions, options, "grounding")
     if "{expression}" not in opts.question:
         raise AdaptError("option question must contain the placeholder {expression}")
-    name = opts.source_name or default_name(source)
-    for target in read_targets(source, report, opts, group=True):
+    units = plan_targets(source, report, opts, group=True)
+    # a candidate is at most one image decode (shared by the image's other candidates)
+    return Plan(units, TargetJob(opts, opts.source_name or default_name(source), reader_root(source, opts)),
+                min_per_process=200)
+
+
+def work(job: TargetJob, units: Sequence[TargetUnit], out: Path, report: Report) -> Iterator[rec.Record]:
+    opts = job.opts
+    for target in check_targets(job.root, units, report):
         grid = target.grid
         yield {
             "id": target.id, "image": target.image,
             "conversations": turn(opts.question.replace("{expression}", target.expression),
                                   bx.ref_box(target.expression, grid)),
-            "meta": {"task": "grounding", "source": name, "domain": opts.domain, "expression": target.expression,
+            "meta": {"task": "grounding", "source": job.name, "domain": opts.domain, "expression": target.expression,
                      "boxes_px": target.boxes_px, "boxes": grid, "image_size": list(target.size),
                      **({"category": target.name} if target.name else {})},
         }
@@ -483,5 +551,5 @@ def image_root(source: Path, **options: Any) -> Path:
     return reader_root(Path(source), parse_options(GroundingOptions, options, "grounding"))
 
 
-GROUNDING = Formatter("grounding", generate, image_root,
-                      "Referring expressions (COCO, RefCOCO, DIOR-RSVG VOC xml, plain JSON) -> <ref>/<box> answers")
+GROUNDING = sharded("grounding", plan, work, image_root,
+                    "Referring expressions (COCO, RefCOCO, DIOR-RSVG VOC xml, plain JSON) -> <ref>/<box> answers")

@@ -26,7 +26,8 @@ Sources and their options (all keyword options of `formatters.base.run`):
   "center,width" or a preset name (see WINDOW_PRESETS; default: the file's VOI LUT / window,
   else the image's full range), `frame` (multi-frame files; default the middle frame).
   Renders are RGB PNGs under out/images/; meta carries the file's PatientID / StudyInstanceUID
-  (`patient_id`, `study_uid`) so held-out splits keep a patient on one side.
+  (`patient_id`, `study_uid`) so held-out splits keep a patient on one side. Rows are rendered in
+  parallel (`run(..., num_proc=N)`), same output; the VQA sources keep one process.
 
 Skip rows are 1-based everywhere: the Nth item of a JSON list, the file line of a CSV.
 """
@@ -35,9 +36,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,7 +57,7 @@ from adapt.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
 from adapt.data.text import source_problem
 from adapt.errors import AdaptError, Report
 from adapt.fileio import resolve_inside
-from formatters.base import Formatter, image_size_or_skip, option
+from formatters.base import Formatter, Plan, image_size_or_skip, option, sharded
 
 DOMAIN = "medical"
 YES_NO = ("yes", "no")
@@ -633,9 +636,21 @@ def _render_name(rel: str) -> str:
     return f"images/{name.as_posix()}"
 
 
-def generate_dicom(source: Path, out: Path, report: Report, *, labels: str | Path | None = None,
-                   window: Any = None, frame: int | None = None, **unknown: Any) -> Iterator[Record]:
-    """Labelled DICOM files -> rendered PNGs + classification (label) or VQA (question/answer) records."""
+@dataclass(frozen=True)
+class _DicomRows:
+    """What every row of a DICOM label file needs (a worker gets it once)."""
+
+    root: Path
+    label_file: Path
+    is_vqa: bool
+    classes: list[str]
+    window: tuple[float, float] | None
+    frame: int | None
+
+
+def plan_dicom(source: Path, out: Path, report: Report, *, labels: str | Path | None = None,
+               window: Any = None, frame: int | None = None, **unknown: Any) -> Plan:
+    """The label file's rows (line, row) and what they share: the task and the class list."""
     _reject_unknown("dicom", unknown, "labels, window, frame")
     window = parse_window(window)
     frame = option("dicom", "frame", frame, Annotated[int, Field(ge=0)] | None)  # 0-based
@@ -646,32 +661,42 @@ def generate_dicom(source: Path, out: Path, report: Report, *, labels: str | Pat
                          path=label_file)
     is_vqa = {"question", "answer"} <= set(header)
     classes = sorted({_text(r.get("label")) for r in rows if _text(r.get("label"))}) if not is_vqa else []
+    # a row is a DICOM decode, VOI and PNG encode (tens of milliseconds)
+    return Plan(list(enumerate(rows, start=2)), _DicomRows(root, label_file, is_vqa, classes, window, frame),
+                min_per_process=32)
+
+
+def dicom_rows(rows: _DicomRows, units: Sequence[tuple[int, dict[str, str]]], out: Path,
+               report: Report) -> Iterator[Record]:
+    """Labelled DICOM files -> rendered PNGs + classification (label) or VQA (question/answer) records.
+    A file used by several rows is rendered once per process (the PNG is replaced atomically, so
+    two workers rendering the same file write the same bytes safely)."""
     rendered: dict[str, tuple[str | None, str, str]] = {}  # file -> (png or None, skip reason, modality)
     owners: dict[str, dict[str, str]] = {}  # file -> patient_id / study_uid, for held-out splits by patient
-    for line, row in enumerate(rows, start=2):
+    for line, row in units:
         record_id = f"dicom-{line}"
         report.read += 1
-        problem = _required(row, ("file", "question", "answer") if is_vqa else ("file", "label"))
+        problem = _required(row, ("file", "question", "answer") if rows.is_vqa else ("file", "label"))
         if problem:
-            report.skip(problem, path=label_file, row=line, id=record_id)
+            report.skip(problem, path=rows.label_file, row=line, id=record_id)
             continue
         rel = _text(row["file"])
         if rel not in rendered:
-            rendered[rel] = _render_to_png(root, rel, out, window, frame)
-            owners[rel] = _patient_and_study(root / rel) if rendered[rel][0] is not None else {}
+            rendered[rel] = _render_to_png(rows.root, rel, out, rows.window, rows.frame)
+            owners[rel] = _patient_and_study(rows.root / rel) if rendered[rel][0] is not None else {}
         image, reason, modality = rendered[rel]
         if image is None:
-            report.skip(reason, path=label_file, row=line, id=record_id)
+            report.skip(reason, path=rows.label_file, row=line, id=record_id)
             continue
-        if is_vqa:
+        if rows.is_vqa:
             answer = _text(row["answer"])
             yield _vqa_record(record_id, image, _text(row["question"]), answer, source="dicom",
                               answer_type=_answer_type(None, answer), file=rel, modality=modality, **owners[rel])
         else:
-            question = (f"What does this {modality or 'medical'} image show? Choose one of: {', '.join(classes)}.\n"
-                        "Answer with the label only.")
+            question = (f"What does this {modality or 'medical'} image show? Choose one of: "
+                        f"{', '.join(rows.classes)}.\nAnswer with the label only.")
             yield _vqa_record(record_id, image, question, _text(row["label"]), source="dicom",
-                              answer_type="closed", task="classification", choices=classes, file=rel,
+                              answer_type="closed", task="classification", choices=rows.classes, file=rel,
                               modality=modality, **owners[rel])
 
 
@@ -698,9 +723,11 @@ def _render_to_png(root: Path, rel: str, out: Path, window: tuple[float, float] 
         return None, f"{err.message}: {rel}", ""
     target = _render_name(rel)
     (out / target).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(out / target, format="PNG")
+    partial = (out / target).with_name(f".{Path(target).name}.{os.getpid()}.partial")
+    Image.fromarray(rgb).save(partial, format="PNG")
+    os.replace(partial, out / target)
     return target, "", modality
 
 
-DICOM = Formatter("dicom", generate_dicom, lambda source, **options: None,
-                  "DICOM folder + label csv, rendered with the modality LUT and a VOI window")
+DICOM = sharded("dicom", plan_dicom, dicom_rows, lambda source, **options: None,
+                "DICOM folder + label csv, rendered with the modality LUT and a VOI window")

@@ -3,7 +3,7 @@
     human: <image>\\nWhat object is in this location <box>[[x1, y1, x2, y2]]</box>?
     gpt:   vehicle<box>[[x1, y1, x2, y2]]</box>          (answer_box=False: just "vehicle")
 
-It reads exactly the inputs of the grounding formatter, through its readers (`read_targets`), so
+It reads exactly the inputs of the grounding formatter, through its readers (`plan_targets`, `check_targets`), so
 box conventions, 0..1 detection and skips behave the same. Every object is its own record (COCO
 annotations are not grouped by category as they are for grounding). The answer is the object's
 category name where the source has one (COCO category, VOC `object/name`), else its referring
@@ -12,7 +12,7 @@ expression; `answer_field` forces either.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,16 @@ from typing import Any
 from adapt.data import boxes as bx
 from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
-from formatters.base import Formatter, choose, parse_options, turn
-from formatters.grounding import ReaderOptions, default_name, read_targets, reader_root
+from formatters.base import Plan, choose, parse_options, sharded, turn
+from formatters.grounding import (
+    ReaderOptions,
+    TargetJob,
+    TargetUnit,
+    check_targets,
+    default_name,
+    plan_targets,
+    reader_root,
+)
 
 REGION_QUESTION = "What object is in this location <box>{box}</box>?"
 
@@ -33,13 +41,19 @@ class RegionOptions(ReaderOptions):
     answer_field: str = "auto"
 
 
-def generate(source: Path, out: Path, report: Report, **options: Any) -> Iterator[rec.Record]:
+def plan(source: Path, out: Path, report: Report, **options: Any) -> Plan:
     opts = parse_options(RegionOptions, options, "region")
     choose("region", "answer_field", opts.answer_field, ("auto", "name", "expression"))
     if "{box}" not in opts.question:
         raise AdaptError("option question must contain the placeholder {box}")
-    source_name = opts.source_name or default_name(source)
-    for target in read_targets(source, report, opts, group=False):
+    units = plan_targets(source, report, opts, group=False)
+    return Plan(units, TargetJob(opts, opts.source_name or default_name(source), reader_root(source, opts)),
+                min_per_process=200)
+
+
+def work(job: TargetJob, units: Sequence[TargetUnit], out: Path, report: Report) -> Iterator[rec.Record]:
+    opts = job.opts
+    for target in check_targets(job.root, units, report):
         if opts.answer_field == "expression" or (opts.answer_field == "auto" and not target.name):
             answer = target.expression
         elif target.name:
@@ -53,7 +67,7 @@ def generate(source: Path, out: Path, report: Report, **options: Any) -> Iterato
             "id": target.id, "image": target.image,
             "conversations": turn(opts.question.replace("{box}", box),
                                   f"{answer}<box>{box}</box>" if opts.answer_box else answer),
-            "meta": {"task": "region", "source": source_name, "domain": opts.domain, "answer": answer,
+            "meta": {"task": "region", "source": job.name, "domain": opts.domain, "answer": answer,
                      "expression": target.expression, "boxes_px": target.boxes_px, "boxes": target.grid,
                      "image_size": list(target.size), **({"category": target.name} if target.name else {})},
         }
@@ -63,5 +77,5 @@ def image_root(source: Path, **options: Any) -> Path:
     return reader_root(Path(source), parse_options(RegionOptions, options, "region"))
 
 
-REGION = Formatter("region", generate, image_root,
-                   "Region perception: box in the question, object name (and box) in the answer")
+REGION = sharded("region", plan, work, image_root,
+                 "Region perception: box in the question, object name (and box) in the answer")

@@ -18,14 +18,16 @@ with augmentation). Every clip is fully decoded here so that a broken or short c
 skip now, not a crash mid-training. Frame folders become multi-image records of their n middle
 frames (`Frame-1: <image>\\n...`), referenced in place, because a record's `video` must be a file.
 With `extract_frames=True` the n middle frames of every clip are written as JPEGs under
-out/images/ and the records are multi-image records with the same frame prompt.
+out/images/ and the records are multi-image records with the same frame prompt. Clips are checked
+(and frames extracted) in parallel with `run(..., num_proc=N)`, same output.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from adapt.data.video import (
 )
 from adapt.errors import AdaptError, Report
 from adapt.fileio import resolve_inside
-from formatters.base import Formatter, image_size_or_skip
+from formatters.base import Plan, image_size_or_skip, sharded
 
 ANNOTATION_NAMES = ("annotations.jsonl", "annotations.csv", "labels.jsonl", "labels.csv", "qa.jsonl", "qa.csv")
 YES_NO = ("yes", "no")
@@ -95,10 +97,23 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def generate_video(source: Path, out: Path, report: Report, *, num_frames: int = 8, extract_frames: bool = False,
-                   allow_fewer: bool = False, annotations: str | Path | None = None, domain: str = "video",
-                   **unknown: Any) -> Iterator[Record]:
-    """Annotated clips -> video records (or multi-image frame records), skipping unusable clips with why."""
+@dataclass(frozen=True)
+class _Clips:
+    """What every row of a video annotation file needs (a worker gets it once)."""
+
+    root: Path
+    path: Path
+    labels: list[str]
+    num_frames: int
+    extract_frames: bool
+    allow_fewer: bool
+    domain: str
+
+
+def plan_video(source: Path, out: Path, report: Report, *, num_frames: int = 8, extract_frames: bool = False,
+               allow_fewer: bool = False, annotations: str | Path | None = None, domain: str = "video",
+               **unknown: Any) -> Plan:
+    """The annotation file's rows (line, row) and the label set of its classification rows."""
     if unknown:
         raise AdaptError(f"unknown option(s) for video: {', '.join(sorted(unknown))}",
                          hint="video accepts: num_frames, extract_frames, allow_fewer, annotations, domain")
@@ -115,6 +130,14 @@ def generate_video(source: Path, out: Path, report: Report, *, num_frames: int =
         raise AdaptError(f"cannot read annotation file ({err})", path=path) from None
     labels = sorted({_text(r.get("label")) for _, r in rows
                      if isinstance(r, dict) and _text(r.get("label")) and not _text(r.get("question"))})
+    # a row decodes a whole clip (a tenth of a second or more)
+    return Plan(rows, _Clips(root, path, labels, num_frames, bool(extract_frames), bool(allow_fewer), domain),
+                min_per_process=8)
+
+
+def video_rows(clips: _Clips, rows: Sequence[tuple[int, Any]], out: Path, report: Report) -> Iterator[Record]:
+    """Annotated clips -> video records (or multi-image frame records), skipping unusable clips with why."""
+    root, path, labels, num_frames, allow_fewer = clips.root, clips.path, clips.labels, clips.num_frames, clips.allow_fewer
     for line, row in rows:
         record_id = f"video-{line}"
         report.read += 1
@@ -139,7 +162,7 @@ def generate_video(source: Path, out: Path, report: Report, *, num_frames: int =
         if escaping:
             report.skip(escaping, path=path, row=line, id=record_id)
             continue
-        if extract_frames:
+        if clips.extract_frames:
             visual = _extracted(clip, rel, out, record_id, num_frames, allow_fewer, report, path, line)
         elif clip.is_dir():
             visual = _frame_folder(clip, rel, root, num_frames, allow_fewer, report, path, line, record_id)
@@ -149,7 +172,7 @@ def generate_video(source: Path, out: Path, report: Report, *, num_frames: int =
             continue
         fields, n, total = visual
         turn = f"{VIDEO_PLACEHOLDER}\n{question}" if "video" in fields else f"{video_prompt(n)}\n{question}"
-        meta = {"task": "video", "source": "video", "domain": domain, "answer": answer, **meta,
+        meta = {"task": "video", "source": "video", "domain": clips.domain, "answer": answer, **meta,
                 "clip": Path(rel).as_posix(), "num_frames": n}
         if total is not None:
             meta["clip_frames"] = total
@@ -247,5 +270,5 @@ def _extracted(clip: Path, rel: str, out: Path, record_id: str, n: int, allow_fe
     return {"image": images}, len(images), None
 
 
-VIDEO = Formatter("video", generate_video, _video_root,
-                  "video clips or frame folders + CSV/JSONL questions or labels (frames sampled per segment)")
+VIDEO = sharded("video", plan_video, video_rows, _video_root,
+                "video clips or frame folders + CSV/JSONL questions or labels (frames sampled per segment)")

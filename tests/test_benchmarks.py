@@ -69,3 +69,13 @@ def test_filter_scale_smoke():
         assert {"duplicate", "repetition", "markup_only", "contaminated"} <= set(r["removed"])
         assert r["kept"] + sum(r["removed"].values()) == 3000
     assert re.search(rf"\| 16 \| 3000 \| {NUMBER} \| \d+ \| {NUMBER} / {NUMBER} \| \d+ / \d+ \|", out)
+
+
+def test_format_driving_one_and_two_processes_write_the_same_bytes():
+    out = _run("benchmarks/format_driving.py", "--samples", "18", "--num-proc", "1", "2")
+    assert re.search(rf"num_proc=1: 126 records, 0 skipped, {NUMBER} s wall -> {NUMBER} samples/s, {NUMBER} CPU "
+                     r"s/sample, 0 worker processes", out), out
+    assert re.search(r"num_proc=2: 126 records, .* 2 worker processes", out), out
+    assert re.search(rf"speed-up num_proc=2 vs num_proc=1: {NUMBER}x; byte-identical output: True", out), out
+    for step in ("plan", "decode", "resize", "encode"):
+        assert re.search(rf"  {step} +{NUMBER} s", out), step

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_CONFIG = REPO / "configs" / "accelerate" / "ddp.yaml"
+FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
 
 
 def _helper():
@@ -42,10 +44,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`accelerate launch` with the repository's DDP config and 2 processes, on a free port."""
+def launch(*args: str, cwd: Path, timeout: int = 240, config: Path = DDP_CONFIG) -> subprocess.CompletedProcess:
+    """`accelerate launch` with one of the repository's configs (DDP by default) and 2 processes, on a free port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--num_processes", "2", "--main_process_port", str(_free_port()), *args]
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -211,3 +213,39 @@ def test_deepspeed_auto_values_are_all_filled_by_the_trainer(stage):
     settings.trainer_config_finalize(args, model, 100)
     assert "auto" not in json.dumps(settings.config)
     assert settings.config["gradient_accumulation_steps"] == 2 and settings.config["gradient_clipping"] == 1.0
+
+
+def test_fsdp_on_two_cpu_ranks(fixture_dir, tmp_path):
+    """configs/accelerate/fsdp.yaml on 2 gloo ranks (tests/fsdp_train.py says what each run does).
+
+    torch shards the model on CPU: FSDP2 on the layer classes the config wraps leaves each rank about
+    half of the parameters, trains, and gathers a whole model that loads and moved from the init.
+    accelerate (1.16) does not: the config as shipped is refused on CPU, and with its two
+    CPU-incompatible settings off the ranks train as DDP, each holding every parameter. This test
+    fails when accelerate starts sharding on CPU: then the README's FSDP note must change."""
+    from transformers import InternVLForConditionalGeneration
+
+    out = tmp_path / "fsdp"
+    launch(str(REPO / "tests" / "fsdp_train.py"), str(fixture_dir), str(out), cwd=REPO, config=FSDP_CONFIG)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    total = ranks[0]["total"]
+    for rank in ranks:
+        assert rank["world_size"] == 2
+        assert rank["shipped"] == "FSDP parameter initialization with `sync_module_states=True` is not supported on cpu."
+        trainer = rank["trainer"]
+        assert trainer["distributed_type"] == "MULTI_CPU" and trainer["wrapped"] == {}
+        assert trainer["held"] == [total, total] and all(math.isfinite(x) for x in trainer["losses"])
+        sharded = rank["fully_shard"]
+        assert sharded["layers"] == ["InternVLVisionLayer", "Qwen2DecoderLayer"]
+        assert 0.35 * total < sharded["held"] < 0.65 * total
+        assert all(math.isfinite(x) for x in sharded["losses"]) and sharded["losses"][-1] < sharded["losses"][0]
+    assert ranks[0]["fully_shard"]["held"] + ranks[1]["fully_shard"]["held"] == total
+    assert ranks[0]["trainer"]["losses"] == ranks[1]["trainer"]["losses"]  # gathered over the ranks
+    start = dt.load("tiny", seed=0).model.state_dict()
+    for folder in (out / "fsdp2", out / "trainer" / "checkpoint-2"):
+        model, info = InternVLForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        trained = model.state_dict()
+        assert set(trained) == set(start)
+        assert all(bool(torch.isfinite(value).all()) for value in trained.values())
+        assert max(float((trained[k] - start[k]).abs().max()) for k in start) > 1e-4, folder
