@@ -21,9 +21,9 @@ def demo(folder: Path, seed: int) -> tuple[list[DataSource], list[DataSource]]:
     from formatters.synthetic.general import write_general_demo
     from formatters.synthetic.pixel_tasks import write_dicom_demo, write_slake_demo, write_vqa_rad_demo
 
-    return ([DataSource("vqa-rad", str(write_vqa_rad_demo(folder / "vqa_rad", 40)), name="vqa_rad"),
-             DataSource("slake", str(write_slake_demo(folder / "slake", 24)), name="slake"),
-             DataSource("dicom", str(write_dicom_demo(folder / "dicom", 10)), name="dicom")],
+    return ([DataSource("vqa-rad", str(write_vqa_rad_demo(folder / "vqa_rad", 48)), name="vqa_rad"),
+             DataSource("slake", str(write_slake_demo(folder / "slake", 48)), name="slake"),
+             DataSource("dicom", str(write_dicom_demo(folder / "dicom", 16)), name="dicom")],
             [DataSource("general", str(write_general_demo(folder / "general", n=48, seed=seed)),
                         name="demo_general")])
 

@@ -35,19 +35,23 @@ SCAN_SIZE = 128
 QUADRANTS = (("upper left", 0.3, 0.3), ("upper right", 0.7, 0.3), ("lower left", 0.3, 0.7), ("lower right", 0.7, 0.7))
 
 
-def scan_hu(quadrant: int | None, *, effusion: bool = False, size: int = SCAN_SIZE) -> np.ndarray:
-    """A square axial "scan" in HU: an elliptical body, a bright round lesion in QUADRANTS[quadrant]
-    (None: no lesion) and, with `effusion`, a bright fluid layer filling the bottom fifth of the body."""
+def scan_hu(quadrant: int | None, *, effusion: bool = False, seed: int = 0, size: int = SCAN_SIZE) -> np.ndarray:
+    """A square axial "scan" in HU: an elliptical body with soft-tissue noise, a bright round lesion
+    in QUADRANTS[quadrant] (None: no lesion) and, with `effusion`, a bright fluid layer at the bottom
+    of the body. `seed` moves the lesion within its quadrant and varies its size, the layer's height
+    and the noise, so no two scans are the same file: held-out scans are never training scans (the
+    held-out split drops training images identical to a held-out one, which would empty whole classes)."""
+    rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:size, 0:size] / size
-    hu = np.full((size, size), AIR_HU, dtype=np.int16)
     body = ((xs - 0.5) / 0.46) ** 2 + ((ys - 0.5) / 0.42) ** 2 <= 1
-    hu[body] = BODY_HU
+    hu = np.where(body, BODY_HU + rng.normal(0, 20, (size, size)), AIR_HU)
     if quadrant is not None:
         _, cx, cy = QUADRANTS[quadrant]
-        hu[(xs - cx) ** 2 + (ys - cy) ** 2 <= 0.12 ** 2] = LESION_HU
+        cx, cy = cx + rng.uniform(-0.05, 0.05), cy + rng.uniform(-0.05, 0.05)
+        hu[(xs - cx) ** 2 + (ys - cy) ** 2 <= rng.uniform(0.11, 0.14) ** 2] = LESION_HU
     if effusion:
-        hu[body & (ys >= 0.72)] = LESION_HU
-    return hu
+        hu[body & (ys >= rng.uniform(0.68, 0.74))] = LESION_HU
+    return np.rint(hu).astype(np.int16)
 
 
 def _windowed(hu: np.ndarray) -> Image.Image:
@@ -57,7 +61,7 @@ def _windowed(hu: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint(unit * 255).astype(np.uint8)).convert("RGB")
 
 
-def write_vqa_rad_demo(root: str | Path, n_images: int = 40) -> Path:
+def write_vqa_rad_demo(root: str | Path, n_images: int = 48) -> Path:
     """`VQA_RAD Dataset Public.json` + `VQA_RAD Image Folder/`: even images have a lesion (quadrant
     cycling), odd ones none. Each image gets the CLOSED presence question (PRES, yes/no), each lesion
     image the CLOSED side question (POS, left/right). Returns the json path."""
@@ -66,7 +70,7 @@ def write_vqa_rad_demo(root: str | Path, n_images: int = 40) -> Path:
     for i in range(n_images):
         quadrant = (i // 2) % 4 if i % 2 == 0 else None
         name = f"synpic{1000 + i}.jpg"
-        _save(_windowed(scan_hu(quadrant)), root / "VQA_RAD Image Folder" / name)
+        _save(_windowed(scan_hu(quadrant, seed=1000 + i)), root / "VQA_RAD Image Folder" / name)
         common = {"image_name": name, "image_organ": "CHEST", "answer_type": "CLOSED", "phrase_type": "freeform"}
         rows.append({"qid": len(rows) + 1, **common, "question_type": "PRES",
                      "question": "Is there a lesion in this image?", "answer": "yes" if quadrant is not None else "no"})
@@ -79,14 +83,14 @@ def write_vqa_rad_demo(root: str | Path, n_images: int = 40) -> Path:
     return path
 
 
-def write_slake_demo(root: str | Path, n_images: int = 24) -> Path:
+def write_slake_demo(root: str | Path, n_images: int = 48) -> Path:
     """A Slake1.0 folder whose train.json asks, for each image (a lesion in quadrant i % 4), the English
     CLOSED question whether the lesion is in the upper or lower half; validate/test are empty. Returns root."""
     root = Path(root)
     rows = []
     for i in range(n_images):
         quadrant = i % 4
-        _save(_windowed(scan_hu(quadrant)), root / "imgs" / f"xmlab{i}" / "source.jpg")
+        _save(_windowed(scan_hu(quadrant, seed=2000 + i)), root / "imgs" / f"xmlab{i}" / "source.jpg")
         rows.append({"img_id": i, "img_name": f"xmlab{i}/source.jpg", "q_lang": "en", "location": "Chest",
                      "modality": "CT", "answer_type": "CLOSED", "base_type": "vqa", "content_type": "Position",
                      "question": "Is the lesion in the upper or the lower half of the image?",
@@ -118,7 +122,7 @@ def _write_ct(path: Path, hu: np.ndarray) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_dicom_demo(root: str | Path, per_class: int = 10) -> Path:
+def write_dicom_demo(root: str | Path, per_class: int = 16) -> Path:
     """CT studies `<class>_<i>.dcm` + `labels.csv` (file,label): normal = body only, nodule = a lesion
     (quadrant cycling), effusion = a bright bottom layer. Returns the folder."""
     root = Path(root)
@@ -126,7 +130,8 @@ def write_dicom_demo(root: str | Path, per_class: int = 10) -> Path:
     labels = []
     for i in range(per_class):
         for label in DICOM_CLASSES:
-            hu = scan_hu(i % 4 if label == "nodule" else None, effusion=label == "effusion")
+            hu = scan_hu(i % 4 if label == "nodule" else None, effusion=label == "effusion",
+                         seed=3000 + DICOM_CLASSES.index(label) * per_class + i)
             _write_ct(root / f"{label}_{i:03d}.dcm", hu)
             labels.append((f"{label}_{i:03d}.dcm", label))
     with open(root / "labels.csv", "w", newline="", encoding="utf-8") as handle:
