@@ -22,9 +22,9 @@ def demo(folder: Path, seed: int) -> tuple[list[DataSource], list[DataSource]]:
     from formatters.synthetic.pixel_tasks import write_aid_demo, write_dior_rsvg_grid, write_rsvqa_demo
 
     return ([DataSource("classification", str(write_aid_demo(folder / "aid", 8)), name="aid"),
-             DataSource("grounding", str(write_dior_rsvg_grid(folder / "dior_rsvg", 4)), {"split": "train"},
+             DataSource("grounding", str(write_dior_rsvg_grid(folder / "dior_rsvg", 12)), {"split": "train"},
                         name="dior_rsvg"),
-             DataSource("rsvqa", str(write_rsvqa_demo(folder / "rsvqa", 20)), {"split": "train"}, name="rsvqa")],
+             DataSource("rsvqa", str(write_rsvqa_demo(folder / "rsvqa", 36)), {"split": "train"}, name="rsvqa")],
             [DataSource("general", str(write_general_demo(folder / "general", n=48, seed=seed)),
                         name="demo_general")])
 
