@@ -1,14 +1,17 @@
 """Demo datasets whose answers can only be read off the pixels, in the real release formats.
 
 The medical and remote-sensing demos train the random-init tiny model for a few CPU minutes, so every
-question is about a large, flat feature a small vision tower picks up quickly: where a bright lesion
-is (quadrant), whether there is one, a bright layer at the bottom, a scene's colour, which cell of a
-3x3 grid holds an object, how many red buildings fill four fixed slots. Every question type is
-balanced over its answers, so a model that ignores the image scores the chance level the report
-prints (1/2 for yes/no and left/right, 1/3 for the DICOM classes, 1/4 for counts, about 1/9 for
-grounding). Unlike the fixtures in `medical.py` / `sources.py` (a few rows that exercise every
-formatter branch), these files are all valid and there are enough of them to learn from.
-"""
+question is about a large, flat feature a small vision tower picks up quickly (whether there is a
+bright lesion, on which side, a bright layer at the bottom, a scene's colour, which cell of a 2x2 grid
+holds an object, is there water, how many red buildings fill four slots), each source asks one or two
+question types (the budget of a few thousand sample passes learns about three or four), and every
+question type is balanced over its answers, so a model that ignores the image scores the chance
+level the report prints (1/2 for yes/no and left/right, 1/3 for the DICOM classes, 1/4 for counts,
+scene classes and grid cells). Every image is a different file (seeded jitter and noise): the
+held-out split drops training images identical to a held-out one, and with a few distinct pictures
+that emptied whole answer classes from training. Unlike the fixtures in `medical.py` / `sources.py`
+(a few rows that exercise every formatter branch), these files are all valid and there are enough
+of them to learn from."""
 
 from __future__ import annotations
 
@@ -32,22 +35,27 @@ AIR_HU, BODY_HU, LESION_HU = -1000, 40, 400
 CT_WINDOW = (40, 400)
 SCAN_SIZE = 128
 # Lesion centres as fractions of the image: (name, x, y) per quadrant of the image (not the patient).
-QUADRANTS = (("upper left", 0.3, 0.3), ("upper right", 0.7, 0.3), ("lower left", 0.3, 0.7), ("lower right", 0.7, 0.7))
+QUADRANTS = (("upper left", 0.27, 0.27), ("upper right", 0.73, 0.27), ("lower left", 0.27, 0.73),
+             ("lower right", 0.73, 0.73))
 
 
-def scan_hu(quadrant: int | None, *, effusion: bool = False, size: int = SCAN_SIZE) -> np.ndarray:
-    """A square axial "scan" in HU: an elliptical body, a bright round lesion in QUADRANTS[quadrant]
-    (None: no lesion) and, with `effusion`, a bright fluid layer filling the bottom fifth of the body."""
+def scan_hu(quadrant: int | None, *, effusion: bool = False, seed: int = 0, size: int = SCAN_SIZE) -> np.ndarray:
+    """A square axial "scan" in HU: an elliptical body with soft-tissue noise, a bright round lesion
+    in QUADRANTS[quadrant] (None: no lesion) and, with `effusion`, a bright fluid layer at the bottom
+    of the body. `seed` moves the lesion within its quadrant and varies its size, the layer's height
+    and the noise, so no two scans are the same file: held-out scans are never training scans (the
+    held-out split drops training images identical to a held-out one, which would empty whole classes)."""
+    rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:size, 0:size] / size
-    hu = np.full((size, size), AIR_HU, dtype=np.int16)
     body = ((xs - 0.5) / 0.46) ** 2 + ((ys - 0.5) / 0.42) ** 2 <= 1
-    hu[body] = BODY_HU
+    hu = np.where(body, BODY_HU + rng.normal(0, 20, (size, size)), AIR_HU)
     if quadrant is not None:
         _, cx, cy = QUADRANTS[quadrant]
-        hu[(xs - cx) ** 2 + (ys - cy) ** 2 <= 0.12 ** 2] = LESION_HU
+        cx, cy = cx + rng.uniform(-0.04, 0.04), cy + rng.uniform(-0.04, 0.04)
+        hu[(xs - cx) ** 2 + (ys - cy) ** 2 <= rng.uniform(0.14, 0.18) ** 2] = LESION_HU
     if effusion:
-        hu[body & (ys >= 0.72)] = LESION_HU
-    return hu
+        hu[body & (ys >= rng.uniform(0.68, 0.74))] = LESION_HU
+    return np.rint(hu).astype(np.int16)
 
 
 def _windowed(hu: np.ndarray) -> Image.Image:
@@ -57,40 +65,35 @@ def _windowed(hu: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint(unit * 255).astype(np.uint8)).convert("RGB")
 
 
-def write_vqa_rad_demo(root: str | Path, n_images: int = 40) -> Path:
+def write_vqa_rad_demo(root: str | Path, n_images: int = 64) -> Path:
     """`VQA_RAD Dataset Public.json` + `VQA_RAD Image Folder/`: even images have a lesion (quadrant
-    cycling), odd ones none. Each image gets the CLOSED presence question (PRES, yes/no), each lesion
-    image the CLOSED side question (POS, left/right). Returns the json path."""
+    cycling), odd ones none, and each asks the CLOSED presence question (PRES, yes/no). Returns the json path."""
     root = Path(root)
     rows = []
     for i in range(n_images):
         quadrant = (i // 2) % 4 if i % 2 == 0 else None
         name = f"synpic{1000 + i}.jpg"
-        _save(_windowed(scan_hu(quadrant)), root / "VQA_RAD Image Folder" / name)
-        common = {"image_name": name, "image_organ": "CHEST", "answer_type": "CLOSED", "phrase_type": "freeform"}
-        rows.append({"qid": len(rows) + 1, **common, "question_type": "PRES",
-                     "question": "Is there a lesion in this image?", "answer": "yes" if quadrant is not None else "no"})
-        if quadrant is not None:
-            side = QUADRANTS[quadrant][0].split()[1]
-            rows.append({"qid": len(rows) + 1, **common, "question_type": "POS",
-                         "question": "Is the lesion on the left or the right side of the image?", "answer": side})
+        _save(_windowed(scan_hu(quadrant, seed=1000 + i)), root / "VQA_RAD Image Folder" / name)
+        rows.append({"qid": i + 1, "image_name": name, "image_organ": "CHEST", "answer_type": "CLOSED",
+                     "phrase_type": "freeform", "question_type": "PRES", "question": "Is there a lesion in this image?",
+                     "answer": "yes" if quadrant is not None else "no"})
     path = root / "VQA_RAD Dataset Public.json"
     path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return path
 
 
-def write_slake_demo(root: str | Path, n_images: int = 24) -> Path:
+def write_slake_demo(root: str | Path, n_images: int = 64) -> Path:
     """A Slake1.0 folder whose train.json asks, for each image (a lesion in quadrant i % 4), the English
-    CLOSED question whether the lesion is in the upper or lower half; validate/test are empty. Returns root."""
+    CLOSED question whether the lesion is on the left or the right side; validate/test are empty. Returns root."""
     root = Path(root)
     rows = []
     for i in range(n_images):
         quadrant = i % 4
-        _save(_windowed(scan_hu(quadrant)), root / "imgs" / f"xmlab{i}" / "source.jpg")
+        _save(_windowed(scan_hu(quadrant, seed=2000 + i)), root / "imgs" / f"xmlab{i}" / "source.jpg")
         rows.append({"img_id": i, "img_name": f"xmlab{i}/source.jpg", "q_lang": "en", "location": "Chest",
                      "modality": "CT", "answer_type": "CLOSED", "base_type": "vqa", "content_type": "Position",
-                     "question": "Is the lesion in the upper or the lower half of the image?",
-                     "answer": QUADRANTS[quadrant][0].split()[0].capitalize(), "qid": 1000 + i})
+                     "question": "Is the lesion on the left or the right side of the image?",
+                     "answer": QUADRANTS[quadrant][0].split()[1].capitalize(), "qid": 1000 + i})
     for name, split_rows in (("train", rows), ("validate", []), ("test", [])):
         (root / f"{name}.json").write_text(json.dumps(split_rows, indent=1), encoding="utf-8")
     return root
@@ -118,15 +121,17 @@ def _write_ct(path: Path, hu: np.ndarray) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_dicom_demo(root: str | Path, per_class: int = 10) -> Path:
+def write_dicom_demo(root: str | Path, per_class: int = 12) -> Path:
     """CT studies `<class>_<i>.dcm` + `labels.csv` (file,label): normal = body only, nodule = a lesion
-    (quadrant cycling), effusion = a bright bottom layer. Returns the folder."""
+    in an upper quadrant (left and right alternating; a lower one looks like the fluid layer to the
+    tiny demo model), effusion = a bright bottom layer. Returns the folder."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     labels = []
     for i in range(per_class):
         for label in DICOM_CLASSES:
-            hu = scan_hu(i % 4 if label == "nodule" else None, effusion=label == "effusion")
+            hu = scan_hu(i % 2 if label == "nodule" else None, effusion=label == "effusion",
+                         seed=3000 + DICOM_CLASSES.index(label) * per_class + i)
             _write_ct(root / f"{label}_{i:03d}.dcm", hu)
             labels.append((f"{label}_{i:03d}.dcm", label))
     with open(root / "labels.csv", "w", newline="", encoding="utf-8") as handle:
@@ -136,8 +141,14 @@ def write_dicom_demo(root: str | Path, per_class: int = 10) -> Path:
 
 # ----------------------------------------------------------------------------------- remote sensing
 
-GRID = 3  # grounding boxes sit in the cells of a GRID x GRID layout (a coarse grid a tiny model learns)
+GRID = 2  # grounding boxes sit in the cells of a GRID x GRID layout (a coarse grid a tiny model learns)
 TILE = 192
+
+
+def _textured(image: Image.Image, seed: int) -> Image.Image:
+    """`image` with seeded pixel noise: every tile is a different file (see `scan_hu` for why)."""
+    noise = np.random.default_rng(seed).normal(0, 8, (image.height, image.width, 1))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
 
 
 def grid_box(cell: int, size: int = TILE) -> Box:
@@ -147,12 +158,12 @@ def grid_box(cell: int, size: int = TILE) -> Box:
     return x1, y1, x1 + step - 2 * margin, y1 + step - 2 * margin
 
 
-def write_aid_demo(root: str | Path, per_class: int = 8) -> Path:
+def write_aid_demo(root: str | Path, per_class: int = 10) -> Path:
     """AID-style class folders: each class is the colour of a patch covering most of the tile."""
     return write_class_folders(root, per_class=per_class, size=(96, 96))
 
 
-def write_dior_rsvg_grid(root: str | Path, per_cell: int = 4) -> Path:
+def write_dior_rsvg_grid(root: str | Path, per_cell: int = 12) -> Path:
     """DIOR-RSVG layout with one object per image, in cell (i % GRID**2) of the grid, its category
     cycling over OBJECTS; the description names colour and category but not the place. Every object
     is listed in train.txt (val.txt and test.txt are empty). Returns root."""
@@ -161,7 +172,8 @@ def write_dior_rsvg_grid(root: str | Path, per_cell: int = 4) -> Path:
     for i in range(per_cell * GRID * GRID):
         stem, cell, category = f"{i + 1:05d}", i % (GRID * GRID), categories[(i // (GRID * GRID)) % len(categories)]
         box = grid_box(cell)
-        _save(paint((TILE, TILE), [(OBJECTS[category], box)]), root / "JPEGImages" / f"{stem}.jpg")
+        _save(_textured(paint((TILE, TILE), [(OBJECTS[category], box)]), seed=4000 + i),
+              root / "JPEGImages" / f"{stem}.jpg")
         ann = ET.Element("annotation")
         ET.SubElement(ann, "filename").text = f"{stem}.jpg"
         size_el = ET.SubElement(ann, "size")
@@ -181,24 +193,27 @@ def write_dior_rsvg_grid(root: str | Path, per_cell: int = 4) -> Path:
     return root
 
 
-# Four fixed building slots across the top half; water fills the bottom left.
+# Four building slots across the top half; water in the bottom half.
 BUILDING_SLOTS: tuple[Box, ...] = tuple((8 + 46 * k, 12, 8 + 46 * k + 34, 46) for k in range(4))
 WATER: Box = (8, 110, 120, 184)
 
 
-def write_rsvqa_demo(root: str | Path, n_images: int = 20) -> Path:
+def write_rsvqa_demo(root: str | Path, n_images: int = 36) -> Path:
     """RSVQA-LR train split (`LR_split_train_{questions,answers,images}.json`, `Images_LR/<id>.tif`):
     image i has water when i % 2 == 0 and i // 2 % 4 buildings (red squares in the first slots), and
-    asks presence (yes/no), count (0..3) and rural/urban (urban from 2 buildings); all active. Returns root."""
+    asks presence (yes/no) and count (0..3); all active. Buildings and water move by a few pixels from
+    tile to tile. Returns root."""
     root = Path(root)
+    rng = np.random.default_rng(5000)
     questions, answers, images = [], [], []
     for image_id in range(n_images):
         water, buildings = image_id % 2 == 0, (image_id // 2) % 4
-        shapes = ([("blue", WATER)] if water else []) + [("red", BUILDING_SLOTS[k]) for k in range(buildings)]
-        _save(paint((TILE, TILE), shapes), root / "Images_LR" / f"{image_id}.tif")
+        dx, dy = (int(v) for v in rng.integers(-6, 7, 2))
+        shapes = [("blue", (WATER[0] + dx, WATER[1] + dy, WATER[2] + dx, WATER[3] + dy))] if water else []
+        shapes += [("red", (x1 + dx, y1 + dy, x2 + dx, y2 + dy)) for x1, y1, x2, y2 in BUILDING_SLOTS[:buildings]]
+        _save(_textured(paint((TILE, TILE), shapes), seed=6000 + image_id), root / "Images_LR" / f"{image_id}.tif")
         qa = [("presence", "Is there a water area?", "yes" if water else "no"),
-              ("count", "How many buildings are there?", str(buildings)),
-              ("rural_urban", "Is it a rural or an urban area?", "urban" if buildings >= 2 else "rural")]
+              ("count", "How many buildings are there?", str(buildings))]
         ids = []
         for qtype, text, answer in qa:
             question_id = len(questions)
