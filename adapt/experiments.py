@@ -115,9 +115,10 @@ def run_sweep(folder: str | Path, points: Sequence[Point], *, base: RunConfig | 
     shared = Path(shared_dir) if shared_dir else folder / "shared"
     index = _read_index(folder)
     rows = []
+    # seed-major: an interrupted sweep has whole curves (every point of the first seeds) to show
     with tqdm(total=len(points) * len(seeds), desc="sweep runs", unit="run", disable=not progress) as bar:
-        for point in points:
-            for seed in seeds:
+        for seed in seeds:
+            for point in points:
                 config = point_config(base, point, seed, folder)
                 run_dir = folder / str(config.name)
                 row = {"point": point.label, "value": point.value, "seed": seed, **_flat(point.changes)}
@@ -142,6 +143,8 @@ def run_sweep(folder: str | Path, points: Sequence[Point], *, base: RunConfig | 
                 _record(folder, index, run_dir.name, row)
                 rows.append(row)
                 bar.update()
+    order = {label: i for i, label in enumerate(labels)}
+    rows.sort(key=lambda row: (order[row["point"]], list(seeds).index(row["seed"])))
     return rows
 
 
