@@ -47,6 +47,9 @@ def test_a_sweep_folder_reuses_finished_runs_and_resumes_an_interrupted_one(tmp_
     assert [{k: v for k, v in row.items() if k != "status"} for row in again] == \
            [{k: v for k, v in row.items() if k != "status"} for row in rows]
     assert experiments.load_sweep(folder) == again
+    by_api = api.sweep([0, 0.5], runs_dir=tmp_path, name="sweep", seeds=[0], progress=False, train=TRAIN, eval=EVAL)
+    assert [row["status"] for row in by_api] == ["reused", "reused"] and calls == [False, False, True]
+    assert api.best_ratio(by_api)["general_ratio"] == experiments.best(again, by="general_ratio").value
 
     other = api.RunConfig(train={**TRAIN, "max_steps": 3}, eval=EVAL)
     with pytest.raises(AdaptError, match="other settings") as err:
@@ -136,3 +139,15 @@ def test_take_fraction_is_seeded_and_nested():
     assert take_fraction(source, 0.25, 3).records == quarter.records
     assert take_fraction(source, 0.25, 4).records != quarter.records
     assert take_fraction(source, 1.0, 3) is source and len(take_fraction(source, 0.001, 3)) == 1
+
+
+def test_adapt_sweep_refuses_bad_options_before_any_run(tmp_path, capsys):
+    from adapt.cli import main
+
+    assert main(["sweep", "--modes", "frozen", "--runs-dir", str(tmp_path)]) == 2
+    assert "unknown tuning mode 'frozen'" in capsys.readouterr().err
+    assert main(["sweep", "--ratios", "0", "0.5", "--seeds", "1", "1", "--runs-dir", str(tmp_path)]) == 2
+    assert "must be distinct" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one setting per sweep
+        main(["sweep", "--ratios", "0", "--modes", "full"])
+    assert not any(tmp_path.iterdir())  # nothing was started
