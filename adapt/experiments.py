@@ -43,6 +43,9 @@ METRICS = ("domain_after", "domain_loss_after", "general_after", "general_loss_a
            "domain_before", "general_loss_before")
 # tuning-mode labels: "full", "lora", "partial:<preset>" (presets of adapt.training.trainer.partial_patterns)
 MODES = ("full", "partial:mlp", "partial:mlp+llm", "lora")
+# RunConfig fields that say where and how fast a run goes, not what it computes: a finished run is
+# reused whatever they are (the same folder given as a relative or an absolute path)
+OPERATIONAL = ("runs_dir", "num_proc")
 
 
 @dataclass
@@ -153,21 +156,26 @@ def _state(run_dir: Path, config: RunConfig) -> str:
     a directory made by another config is an error, not a result of this sweep."""
     if not (run_dir / "config.yaml").is_file():
         return "trained"
-    saved = read_run_config(run_dir).to_dict()
-    if saved != config.to_dict():
-        differ = sorted(key for key in saved if saved[key] != config.to_dict()[key])
+    saved, wanted = read_run_config(run_dir).to_dict(), config.to_dict()
+    differ = sorted(key for key in saved if key not in OPERATIONAL and saved[key] != wanted[key])
+    if differ:
         raise AdaptError(f"this sweep folder holds a run with other settings ({', '.join(differ)} differ)",
                          path=run_dir, hint="use another sweep folder for other settings, or delete that run")
     return "reused" if (run_dir / "eval" / "after.json").is_file() else "resumed"
 
 
 def _finished(run_dir: Path, steps: int | None) -> Any:
+    """The RunResult of a finished run from its files; its steps from the index, else its last checkpoint."""
     from adapt import api
 
     def report(name: str) -> dict[str, Any]:
         return json.loads((run_dir / "eval" / f"{name}.json").read_text())
 
-    return api.RunResult(run_dir, report("before"), report("after"), None, steps if steps is not None else -1)
+    if steps is None:
+        states = sorted(run_dir.glob("checkpoints/checkpoint-*/trainer_state.json"),
+                        key=lambda path: int(path.parent.name.rpartition("-")[2]))
+        steps = json.loads(states[-1].read_text())["global_step"] if states else None
+    return api.RunResult(run_dir, report("before"), report("after"), None, steps)
 
 
 def _flat(changes: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -47,6 +47,9 @@ def test_a_sweep_folder_reuses_finished_runs_and_resumes_an_interrupted_one(tmp_
     assert [{k: v for k, v in row.items() if k != "status"} for row in again] == \
            [{k: v for k, v in row.items() if k != "status"} for row in rows]
     assert experiments.load_sweep(folder) == again
+    (folder / "sweep.json").unlink()  # the run directories are the store; the index is rebuilt from them
+    rebuilt = experiments.run_sweep(folder, points, base=base, seeds=[0], progress=False)
+    assert [(row["status"], row["steps"]) for row in rebuilt] == [("reused", 2), ("reused", 2)]
     by_api = api.sweep([0, 0.5], runs_dir=tmp_path, name="sweep", seeds=[0], progress=False, train=TRAIN, eval=EVAL)
     assert [row["status"] for row in by_api] == ["reused", "reused"] and calls == [False, False, True]
     assert api.best_ratio(by_api)["general_ratio"] == experiments.best(again, by="general_ratio").value
