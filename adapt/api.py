@@ -33,14 +33,14 @@ import yaml
 from tqdm import tqdm
 
 import formatters
-from adapt import console, preflight
+from adapt import console, experiments, preflight
 from adapt.checkpoints import models
 from adapt.config import RunConfig, parse_run_config, read_run_config
 from adapt.config import load_config_file as load_config_file  # the CLI and notebooks read configs here
 from adapt.data import filtering, mixing
 from adapt.data.records import Record
 from adapt.data.samples import SampleBuilder
-from adapt.data.splits import split_by_group
+from adapt.data.splits import split_by_group, take_fraction
 from adapt.errors import AdaptError, Report
 from adapt.evaluation import evaluator as evaluation
 from adapt.fileio import atomic_write_text
@@ -246,6 +246,7 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
             train_part, held_part, holdout[source.name] = split_by_group(source, n, seed)
             keep.append(train_part)
             heldout[kind] += [(r, held_part.root) for r in held_part.records]
+    train_domain = [take_fraction(source, config.domain_fraction, seed) for source in train_domain]
     train_domain, train_general, filtered = filtering.filter_training(
         {**domain.filter, **config.filter}, train_domain, train_general, heldout["domain"] + heldout["general"],
         data_dir)
@@ -444,48 +445,26 @@ def _headlines(report: dict[str, Any]) -> dict[str, Any]:
                    "tasks": s.get("tasks")} for name, s in report.items()}
 
 
-def sweep(ratios: Sequence[float], *, domain: str = "driving", runs_dir: str | Path = "runs", name: str = "sweep",
-          shared_dir: str | Path | None = None, progress: bool = True, **overrides: Any) -> list[dict[str, Any]]:
-    """One run per general ratio over the same formatted data (formatted once, in `shared_dir`,
-    default <sweep>/shared); `overrides` are RunConfig fields (model, train, eval, seed, data, ...).
+def sweep(ratios: Sequence[float], *, domain: str = "driving", runs_dir: str | Path = "runs", name: str | None = None,
+          seeds: Sequence[int] = experiments.DEFAULT_SEEDS, shared_dir: str | Path | None = None, progress: bool = True,
+          **overrides: Any) -> list[dict[str, Any]]:
+    """One run per general ratio and seed over the same formatted data (adapt.experiments.run_sweep);
+    `overrides` are RunConfig fields (model, train, eval, data, domain_fraction, ...).
 
-    Returns one flat row per ratio (general_ratio, steps, domain/general score and answer loss
-    before and after, run_dir), ready for `pandas.DataFrame(rows)`; also saved as <sweep>/sweep.json.
+    The sweep folder is <runs_dir>/<name>: calling again with the same name reuses its finished runs
+    and resumes an interrupted one; without a name it is a new timestamped folder. Returns one flat
+    row per ratio x seed, ready for `pandas.DataFrame(rows)`; <sweep>/sweep.json indexes them.
     """
-    base = Path(runs_dir) / agreed(f"{name}-{Path(domain).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    shared = Path(shared_dir) if shared_dir else base / "shared"
-    rows = []
-    for ratio in ratios:
-        config = RunConfig(domain=domain, general_ratio=ratio, runs_dir=str(base), name=f"r{ratio:g}", **overrides)
-        result = run(config, shared_dir=shared, export=False, progress=progress)
-        rows.append({"general_ratio": ratio, "steps": result.steps, **result.scores(), "run_dir": str(result.run_dir)})
-    if is_main_process():
-        atomic_write_text(base / "sweep.json", json.dumps(rows, indent=2))
-    return rows
+    folder = Path(runs_dir) / (name or agreed(f"sweep-{Path(domain).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    base = RunConfig(domain=domain, **overrides)
+    return experiments.run_sweep(folder, experiments.ratio_points(ratios), base=base, seeds=seeds,
+                                 shared_dir=shared_dir, progress=progress)
 
 
 def best_ratio(rows: Sequence[dict[str, Any]], *, tolerance: float = 0.1) -> dict[str, Any]:
-    """The sweep row with the best domain/general trade-off.
-
-    A ratio keeps general skill when its general answer loss after training is within `tolerance`
-    (relative: 0.1 = 10%) of the lowest general answer loss of the sweep; the answer loss is the
-    teacher-forced loss of the held-out general answers, which moves smoothly where a small model's
-    generations are all wrong. Among those ratios the best has the highest domain score; ties go to
-    the lower domain answer loss, then to the smaller ratio (less general data to train on).
-    """
-    if not rows:
-        raise AdaptError("best_ratio needs at least one sweep row")
-    losses = [r["general_loss_after"] for r in rows if r.get("general_loss_after") is not None]
-    limit = min(losses) * (1 + tolerance) if losses else None
-    keeps = [r for r in rows if limit is None or r.get("general_loss_after") is None
-             or r["general_loss_after"] <= limit]
-
-    def rank(row: dict[str, Any]) -> tuple[float, float, float]:
-        score, loss = row.get("domain_after"), row.get("domain_loss_after")
-        return (-(score if score is not None else float("-inf")), loss if loss is not None else float("inf"),
-                row["general_ratio"])
-
-    return min(keeps, key=rank)
+    """The general ratio with the best domain/general trade-off (adapt.experiments.best over the
+    rows' `general_ratio`): its summary row, with means and spreads over the seeds."""
+    return experiments.best(rows, by="general_ratio", tolerance=tolerance).row
 
 
 def _load_run(run_dir: str | Path) -> tuple[Path, RunConfig, TrainConfig, dict[str, Any]]:

@@ -6,7 +6,7 @@
     adapt eval RUN_DIR [--model DIR] [--judge MODEL] [--out REPORT.json]
     adapt export RUN_DIR --out DIR
     adapt convert SRC DST
-    adapt sweep --domain driving --ratios 0 0.25 0.5
+    adapt sweep --domain driving --ratios 0 0.25 0.5 [--seeds 0 1 2] [--name NAME]   (or --fractions / --modes)
     adapt dpo --model DIR (--pairs PAIRS.jsonl | --from-records DATA) --out DIR [--opt loss=mpo]
     adapt grpo --model DIR --data DATA --out DIR [--opt key=value]
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +151,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from adapt import api
+    from adapt import api, experiments
 
-    rows = api.sweep(args.ratios, domain=args.domain, runs_dir=args.runs_dir or "runs", progress=not args.quiet,
-                     **({"model": args.model} if args.model else {}))
+    axis = "mode" if args.modes else "domain_fraction" if args.fractions else "general_ratio"  # argparse allows one
+    points = (experiments.mode_points(args.modes) if axis == "mode"
+              else experiments.fraction_points(args.fractions) if axis == "domain_fraction"
+              else experiments.ratio_points(args.ratios or [0, 0.125, 0.25, 0.5, 0.75]))
+    base = api.RunConfig(domain=args.domain, general_ratio=args.general_ratio,
+                         **({"model": args.model} if args.model else {}))
+    stamp = f"sweep-{axis}-{Path(args.domain).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(args.runs_dir or "runs") / (args.name or api.agreed(stamp))
+    rows = experiments.run_sweep(folder, points, base=base, seeds=args.seeds, progress=not args.quiet)
+    choice = experiments.best(rows, tolerance=args.tolerance)
     if api.is_main_process():
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"sweep": str(folder), "runs": rows, "summary": choice.summary, "best": choice.message},
+                         indent=2, default=str))
     return 0
 
 
@@ -290,12 +300,22 @@ def parser() -> argparse.ArgumentParser:
     cv.add_argument("--overwrite", action="store_true")
     cv.set_defaults(func=cmd_convert)
 
-    sw = sub.add_parser("sweep", help="one run per general ratio, same data")
+    sw = sub.add_parser("sweep", help="one run per setting and seed, same data (general ratio, domain data share or "
+                                      "tuning mode); a named sweep reuses its finished runs")
     sw.add_argument("--domain", default="driving")
-    sw.add_argument("--ratios", type=float, nargs="+", default=[0, 0.125, 0.25, 0.5, 0.75])
+    axis = sw.add_mutually_exclusive_group()
+    axis.add_argument("--ratios", type=float, nargs="+", help="general ratios (default 0 0.125 0.25 0.5 0.75)")
+    axis.add_argument("--fractions", type=float, nargs="+", help="shares of the domain training set, e.g. 0.125 0.25 0.5 1")
+    axis.add_argument("--modes", nargs="+", help="tuning modes: full lora partial:mlp partial:mlp+llm partial:vit-last-N")
+    sw.add_argument("--general-ratio", type=float, default=0.25, help="the mix of --fractions / --modes sweeps")
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each setting runs once per seed")
+    sw.add_argument("--tolerance", type=float, default=0.1,
+                    help="general answer loss within this share of the lowest keeps general skill")
     sw.add_argument("--model")
     sw.add_argument("--runs-dir")
-    sw.add_argument("--quiet", action="store_true", help="print warnings, errors and the final table only; progress goes to RUN_DIR/logs/run.log")
+    sw.add_argument("--name", help="the sweep folder under --runs-dir; run again with the same name to reuse "
+                                   "finished runs and resume an interrupted one (default: a new timestamped folder)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar over the runs (each run logs to RUN_DIR/logs/run.log)")
     sw.set_defaults(func=cmd_sweep)
     _posttrain_parsers(sub)
     return top

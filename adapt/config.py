@@ -32,6 +32,9 @@ class RunConfig(BaseModel):
     general_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.25
     mix_by: Literal["samples", "tokens"] = "samples"
     upsample: bool = False
+    # the share of the domain training set used (after the held-out split; a seeded sample of each
+    # source's records): Mini-InternVL's data-amount ablation, and a smaller, faster demo
+    domain_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
     seed: Annotated[int, Field(ge=0)] = 0
     data: list[SourceEntry] = Field(default_factory=list)  # empty: the recipe's sources, else its demo
     general: list[SourceEntry] = Field(default_factory=list)  # empty: the recipe's general data

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,15 @@ def _drop_shared_images(train: list[Record], held: list[Record], root: str) -> t
 
     kept = [record for record in train if not shares_image(record)]
     return kept, len(train) - len(kept)
+
+
+def take_fraction(source: Source, fraction: float, seed: int) -> Source:
+    """A seeded sample of round(fraction * n) of the source's records (at least one), in their order:
+    the domain-data-amount ablation (RunConfig.domain_fraction). The first records of one seeded
+    permutation, so a smaller share is a subset of a larger one. 1.0 returns the source unchanged."""
+    if fraction >= 1 or not source.records:
+        return source
+    total = len(source.records)
+    order = random.Random(f"adapt.fraction:{seed}:{source.name}").sample(range(total), total)
+    keep = sorted(order[:max(1, round(fraction * total))])
+    return replace(source, records=[source.records[i] for i in keep])
