@@ -314,12 +314,12 @@ class Plans:
                 done[key] = i
         return cls(values[0], values[1], values[2], drops)
 
-    def planned(self) -> list[Planned | None]:
-        """As `samples.plan_all` returns them."""
-        from adapt.data.samples import Planned
-
-        return [None if n < 0 else Planned(int(n), int(t), int(s))
-                for n, t, s in zip(self.length.tolist(), self.tiles.tolist(), self.supervised.tolist())]
+    @classmethod
+    def from_planned(cls, planned: Sequence[Planned | None]) -> Plans:
+        """From `samples.plan_all`'s list (None: dropped; its reason is in plan_all's report)."""
+        values = np.array([(-1, 0, 0) if p is None else (p.length, p.tiles, p.supervised) for p in planned],
+                          dtype=np.int64).reshape(-1, 3)
+        return cls(values[:, 0].copy(), values[:, 1].copy(), values[:, 2].copy())
 
     def save(self, path: Path) -> str:
         """Write atomically; returns the file's sha256 (for the manifest)."""

@@ -11,6 +11,7 @@ Truncation never cuts inside an image span: such a sample is dropped with its id
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ class SampleBuilder:
         self.resample = resample
         self.video_frames, self.train, self.seed = video_frames, train, seed
         self.special_tokens = tokenizer_special_tokens(encoder.tokenizer)  # text must never become these ids
+        # (root, path) -> (width, height): pools reuse a few images across many records, so each file's
+        # header is read (and its path checked) once per builder, not once per record
+        self._sizes: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- shapes --------------------------------------------------------------------------------
     def policy_for(self, record: Record) -> TilingPolicy:
@@ -90,8 +94,10 @@ class SampleBuilder:
         policy = self.policy_for(record)
         out = []
         for rel in images_of(record):
-            out.append(count_tiles(*image_size(resolve_inside(root, rel)), policy.min_tiles, policy.max_tiles,
-                                   policy.thumbnail))
+            key = (str(root), rel)
+            if key not in self._sizes:
+                self._sizes[key] = image_size(resolve_inside(root, rel))
+            out.append(count_tiles(*self._sizes[key], policy.min_tiles, policy.max_tiles, policy.thumbnail))
         return out
 
     def plan(self, record: Record, root: str | Path) -> Planned:
@@ -163,7 +169,7 @@ class SampleBuilder:
         )
 
 
-def plan_all(builder: SampleBuilder, entries: list[tuple[Record, str]], report: Report, *,
+def plan_all(builder: SampleBuilder, entries: Sequence[tuple[Record, str]], report: Report, *,
              progress: Any = None) -> list[Planned | None]:
     """Plan every (record, root); dropped ones become None and are counted in `report` with their id.
     `progress` (a tqdm, the planning phase's display) counts the entries planned."""
