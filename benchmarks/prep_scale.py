@@ -23,9 +23,9 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,12 +60,16 @@ def child(spec: dict) -> None:
     from adapt import api, console
     from adapt.config import RunConfig
 
-    if console.LogToRunLog.on_step_begin is TrainerCallback.on_step_begin:  # a baseline without the log line
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 0:
-                console.log(f"{FIRST_STEP}{time.time():.3f})")
+    logged = console.LogToRunLog.on_step_begin  # the run log's first-step line (a baseline may lack it)
 
-        console.LogToRunLog.on_step_begin = on_step_begin
+    def on_step_begin(self, args, state, control, **kwargs):
+        if logged is not TrainerCallback.on_step_begin:
+            logged(self, args, state, control, **kwargs)
+        else:
+            console.log(f"{FIRST_STEP}{time.time():.3f})")
+        os._exit(0)  # measured up to the first batch, not the model's first forward pass
+
+    console.LogToRunLog.on_step_begin = on_step_begin
     fields = {"num_proc": spec["num_proc"]} if spec.get("num_proc") else {}
     config = RunConfig(domain="driving", data=[{"kind": "general", "path": spec["domain"],
                                                 "options": {"verify_images": "header"}}],
@@ -78,26 +82,24 @@ def child(spec: dict) -> None:
 
 
 def measure(spec: dict, src: Path, timeout: float) -> dict:
-    """Spawn one run, stop it once its first training batch is ready; wall, CPU and peak RSS."""
+    """Spawn one run (it ends itself once its first training batch is ready); wall, CPU and peak RSS."""
     log = Path(spec["runs"]) / spec["name"] / "logs" / "run.log"
+    errors = Path(spec["runs"]) / f"{spec['name']}.stderr"
+    errors.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(src), "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
-    process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = None
-    while first is None and process.poll() is None and time.time() - started < timeout:
-        time.sleep(0.2)
-        if log.is_file():
-            for line in log.read_text(encoding="utf-8").splitlines():
-                if FIRST_STEP in line:
-                    first = float(line.split(FIRST_STEP)[1].rstrip(")"))
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = status
-    if first is None:
-        raise SystemExit(f"run {spec['name']} ended without a first step:\n{process.stderr.read()[-3000:]}")
-    return {"first_step_s": round(first - started, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+    with open(errors, "w") as stderr:
+        process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        _, _, usage = os.wait4(process.pid, 0)  # this run's own usage, with its reaped workers
+        timer.cancel()
+    lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+    first = [float(line.split(FIRST_STEP)[1].rstrip(")")) for line in lines if FIRST_STEP in line]
+    if not first:
+        raise SystemExit(f"run {spec['name']} ended without a first step:\n{errors.read_text()[-3000:]}")
+    return {"first_step_s": round(first[0] - started, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024)}
 
 
