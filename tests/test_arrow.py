@@ -74,6 +74,19 @@ def test_arrow_sources_match_list_sources(tmp_path):
     assert list(got[0].records) == list(expected[0].records)
 
 
+def test_sharded_read_keeps_order_and_lines(tmp_path, monkeypatch):
+    """A file read in byte ranges by two processes: every row once, in file order, bad rows with their line."""
+    monkeypatch.setattr(arrow, "SHARD_BYTES", 700)  # a few rows per range, rows cut across boundaries
+    rng = random.Random(2)
+    _write(tmp_path / "rows.jsonl", [_row(i, rng, []) for i in range(60)])
+    plain, cached = Report(), Report()
+    [want] = load_sources(tmp_path / "rows.jsonl", kind="domain", report=plain)
+    [have] = load_sources(tmp_path / "rows.jsonl", kind="domain", report=cached, arrow_cache=tmp_path / "arrow",
+                          num_proc=2)
+    assert (tmp_path / "rows.jsonl").stat().st_size // 700 > 4
+    assert list(have.records) == list(want.records) and _skips(cached) == _skips(plain)
+
+
 @pytest.mark.parametrize("mix_by", ["samples", "tokens"])
 def test_mix_same_picks_from_arrow(tmp_path, mix_by):
     rng = random.Random(1)

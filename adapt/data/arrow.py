@@ -135,9 +135,12 @@ def read_table(annotation: str | Path, root: str, report: Report, *, cache_dir: 
     count = max(1, -(-stat.st_size // SHARD_BYTES))
     shards = [(str(path.resolve()), str(root), i, count, stat.st_size, stat.st_mtime_ns, ARROW_VERSION)
               for i in range(count)]
+    if not _has_rows(path):  # datasets refuses to build a table of no rows: an empty source is reported later
+        table = datasets.Dataset.from_dict({name: [] for name in _features()}, features=_features())
+        return table, np.zeros(0, dtype=np.int64)
     with _quiet_datasets():
         table = datasets.Dataset.from_generator(_generate, features=_features(), gen_kwargs={"shards": shards},
-                                                cache_dir=str(cache_dir), num_proc=min(num_proc, count) or None)
+                                                cache_dir=str(cache_dir), num_proc=min(num_proc, count))
     report.read += len(table)
     import pyarrow.compute as pc
 
@@ -147,6 +150,12 @@ def read_table(annotation: str | Path, root: str, report: Report, *, cache_dir: 
         for line, problem, identifier in zip(problem_rows["line"], problem_rows["problem"], problem_rows["id"]):
             report.skip(problem, path=path, row=line, id=identifier)
     return table, np.flatnonzero(~bad)
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether the file has a non-blank line (read up to the first one)."""
+    with open(path, "rb") as handle:
+        return any(chunk.strip() for chunk in iter(lambda: handle.read(1 << 16), b""))
 
 
 class _quiet_datasets:
