@@ -93,14 +93,37 @@ def measure(spec: dict, src: Path, timeout: float) -> dict:
                                    env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         timer = threading.Timer(timeout, process.kill)
         timer.start()
+        peaks = {"RssAnon": 0, "RssFile": 0}
+        sampler = threading.Thread(target=_sample_memory, args=(process.pid, peaks), daemon=True)
+        sampler.start()
         _, _, usage = os.wait4(process.pid, 0)  # this run's own usage, with its reaped workers
         timer.cancel()
+        sampler.join()
     lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
     first = [float(line.split(FIRST_STEP)[1].rstrip(")")) for line in lines if FIRST_STEP in line]
     if not first:
         raise SystemExit(f"run {spec['name']} ended without a first step:\n{errors.read_text()[-3000:]}")
     return {"first_step_s": round(first[0] - started, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+            "peak_rss_mb": round(usage.ru_maxrss / 1024), "peak_anon_mb": round(peaks["RssAnon"] / 1024),
+            "peak_file_mb": round(peaks["RssFile"] / 1024)}
+
+
+def _sample_memory(pid: int, peaks: dict[str, int]) -> None:
+    """Peak anonymous and file-backed resident KiB of `pid` (every 50 ms, /proc): ru_maxrss counts the
+    pages of memory-mapped Arrow files it has read too, which the kernel can drop at any time."""
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            return
+        if not lines or any(line.startswith("State:") and "Z" in line for line in lines):
+            return
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in peaks:
+                peaks[key] = max(peaks[key], int(value.split()[0]))
+        time.sleep(0.05)
 
 
 def main() -> None:
@@ -134,11 +157,11 @@ def main() -> None:
                           **measure(spec, src, args.timeout)}
                 print(json.dumps(result), flush=True)
                 rows.append(result)
-    print("\n| impl | general + domain | phase | first step (s) | CPU (s) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| impl | general + domain | phase | first step (s) | CPU (s) | peak RSS (MB) | anon / file-backed (MB) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['impl']} | {r['general']} + {r['domain']} | {r['phase']} | {r['first_step_s']} | {r['cpu_s']} "
-              f"| {r['peak_rss_mb']} |")
+              f"| {r['peak_rss_mb']} | {r['peak_anon_mb']} / {r['peak_file_mb']} |")
     for label, _ in implementations:
         for phase in ("cold", "warm"):
             mine = [r for r in rows if r["impl"] == label and r["phase"] == phase]

@@ -183,7 +183,7 @@ class Rows(Sequence):
                  limit: int | None = None) -> None:
         self.table, self.positions = table, np.asarray(positions, dtype=np.int64)
         self.max_tiles, self.limit = max_tiles, limit
-        self._records = None
+        self._records: tuple[list, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # dataloader workers re-map the table, never copy its column
         return {**self.__dict__, "_records": None}
@@ -198,9 +198,13 @@ class Rows(Sequence):
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
             return self.view(self.positions[index])
-        if self._records is None:
-            self._records = self.table.data.column("record")
-        return self.decode(self._records[int(self.positions[index])].as_py())
+        if self._records is None:  # the column's chunks and where each starts: a row is found by bisection
+            chunks = self.table.data.column("record").chunks  # (pyarrow's own lookup walks every chunk)
+            self._records = (chunks, np.cumsum([0] + [len(c) for c in chunks]))
+        chunks, starts = self._records
+        position = int(self.positions[index])
+        chunk = int(np.searchsorted(starts, position, side="right")) - 1
+        return self.decode(chunks[chunk][position - int(starts[chunk])].as_py())
 
     def decode(self, text: str) -> Record:
         """A stored record with the source's tile settings applied (as `load_sources` does to lists)."""
