@@ -44,7 +44,10 @@ def _images(folder: Path) -> list[str]:
 def _write(path: Path, rows: list, *, bad: bool = True) -> None:
     lines = [json.dumps(r).encode() for r in rows]
     if bad:  # today's skip reasons, each with its line: malformed JSON, not UTF-8, invalid record, blank
-        lines[3:3] = [b'{"id": "broken"', b"\xff\xfe", json.dumps({"id": "x", "conversations": []}).encode(), b""]
+        escaping = {"id": "up", "image": "../outside.png",
+                    "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]}
+        lines[3:3] = [b'{"id": "broken"', b"\xff\xfe", json.dumps({"id": "x", "conversations": []}).encode(), b"",
+                      json.dumps(escaping).encode(), json.dumps(escaping).encode()]  # twice: a memo answers the 2nd
     path.write_bytes(b"\n".join(lines) + b"\n")
 
 
@@ -68,7 +71,8 @@ def test_arrow_sources_match_list_sources(tmp_path):
     for want, have in zip(expected, got, strict=True):
         assert (have.name, have.root, have.weight, have.max_tiles) == (want.name, want.root, want.weight, want.max_tiles)
         assert list(have.records) == list(want.records)
-    assert _skips(cached) == _skips(plain) and len(plain.skips) == 3 and cached.read == plain.read
+    assert _skips(cached) == _skips(plain) and len(plain.skips) == 5 and cached.read == plain.read
+    assert any("outside" in s[0] or "escapes" in s[0] or ".." in s[0] for s in _skips(plain))
     for source in (expected[0], got[0]):
         mixing.limit_tiles(source, 4)
     assert list(got[0].records) == list(expected[0].records)
