@@ -5,8 +5,10 @@ JPEGs, ~15-word questions, ~40-word answers) and a domain set of 10% of it, then
 `api.run` (what `adapt run --data general=DOMAIN --general META --general-ratio 0.25 --max-steps 2`
 runs: tiny model, 32-sample evaluation by default) in a fresh process per measurement, until the trainer logs
 that the first training batch is ready (`first training step` in the run log). Printed per size:
-wall time to that step, CPU time (user+sys, with the process's data-preparation workers) and the peak
-RSS of the run process (wait4 ru_maxrss), cold (an empty shared data folder: formatting, Arrow
+wall time to that step (and how much of it the formatting phase, which includes reading the Arrow
+tables, and the base model's evaluation took), CPU time (user+sys, with the process's reaped
+data-preparation workers) and the peak RSS of the run process (wait4 ru_maxrss; and, sampled from
+/proc, its anonymous and file-backed parts: pages of memory-mapped tables count as file-backed), cold (an empty shared data folder: formatting, Arrow
 tables, planning) and warm (the same folder again: everything cached), and the growth between sizes.
 
 `--baseline SRC` runs the same measurements with the adapt package found in SRC (e.g. a `git archive`
@@ -103,7 +105,10 @@ def measure(spec: dict, src: Path, timeout: float) -> dict:
     first = [float(line.split(FIRST_STEP)[1].rstrip(")")) for line in lines if FIRST_STEP in line]
     if not first:
         raise SystemExit(f"run {spec['name']} ended without a first step:\n{errors.read_text()[-3000:]}")
+    phases = {name: sum(float(line.split(f"{name} done in ")[1].split()[0]) for line in lines
+                        if f"{name} done in " in line) for name in ("formatting", "evaluation (before)")}
     return {"first_step_s": round(first[0] - started, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "formatting_s": round(phases["formatting"], 1), "eval_s": round(phases["evaluation (before)"], 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "peak_anon_mb": round(peaks["RssAnon"] / 1024),
             "peak_file_mb": round(peaks["RssFile"] / 1024)}
 
@@ -157,11 +162,13 @@ def main() -> None:
                           **measure(spec, src, args.timeout)}
                 print(json.dumps(result), flush=True)
                 rows.append(result)
-    print("\n| impl | general + domain | phase | first step (s) | CPU (s) | peak RSS (MB) | anon / file-backed (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| impl | general + domain | phase | first step (s) | of which formatting / base eval (s) | CPU (s) "
+          "| peak RSS (MB) | anon / file-backed (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['impl']} | {r['general']} + {r['domain']} | {r['phase']} | {r['first_step_s']} | {r['cpu_s']} "
-              f"| {r['peak_rss_mb']} | {r['peak_anon_mb']} / {r['peak_file_mb']} |")
+        print(f"| {r['impl']} | {r['general']} + {r['domain']} | {r['phase']} | {r['first_step_s']} "
+              f"| {r['formatting_s']} / {r['eval_s']} | {r['cpu_s']} | {r['peak_rss_mb']} "
+              f"| {r['peak_anon_mb']} / {r['peak_file_mb']} |")
     for label, _ in implementations:
         for phase in ("cold", "warm"):
             mine = [r for r in rows if r["impl"] == label and r["phase"] == phase]

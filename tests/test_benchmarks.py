@@ -82,7 +82,7 @@ def test_prep_scale_smoke(tmp_path):
     assert [(r["general"], r["domain"], r["phase"]) for r in rows] == \
         [(200, 20, "cold"), (200, 20, "warm"), (400, 40, "cold"), (400, 40, "warm")]
     assert all(r["first_step_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
-    assert re.search(rf"\| new \| 400 \+ 40 \| warm \| {NUMBER} \| {NUMBER} \| \d+ \| \d+ / \d+ \|", out)
+    assert re.search(rf"\| new \| 400 \+ 40 \| warm \| {NUMBER} \| {NUMBER} / {NUMBER} \| {NUMBER} \| \d+ \| \d+ / \d+ \|", out)
     assert re.search(r"new warm: peak RSS 200 -> 400 general records: [+-]\d+\.\d%", out)
     warm_logs = sorted(tmp_path.glob("runs/new-400-warm-*/logs/run.log"))
     assert len(warm_logs) == 1 and "wrote" not in warm_logs[0].read_text()  # formatting reused
