@@ -55,6 +55,17 @@ def build_pool(folder: Path, general: int, domain: int, seed: int = 0) -> tuple[
     return domain_file, meta
 
 
+def preformat(shared: Path, domain: Path, general: Path) -> None:
+    """The formatted folders a run looks for (`<shared>/formatted/<label>/meta.json`), naming the pool
+    files in place: `api.format_source` then reuses them instead of formatting."""
+    pool = general.parent / "pool.jsonl"
+    for label, annotation in (("general-domain.jsonl", domain), ("general-meta.json", pool)):
+        folder = shared / "formatted" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").write_text(json.dumps({label: {"root": str(annotation.parent.resolve()),
+                                                              "annotation": str(annotation.resolve())}}))
+
+
 def child(spec: dict) -> None:
     """One `adapt run` in this process (what `adapt run` calls), its first step written to the run log."""
     from transformers import TrainerCallback
@@ -139,6 +150,9 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=None, help="data-preparation processes (default: all cores)")
     parser.add_argument("--eval-samples", type=int, default=32, help="held-out samples evaluated before training "
                         "(half domain, half general; cold runs only, warm runs reuse the base evaluation)")
+    parser.add_argument("--preformatted", action="store_true",
+                        help="give each run the pools as already-formatted folders (meta.json naming the pool JSONL), "
+                             "so cold runs measure reading, splitting, mixing and planning without the formatters")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,6 +168,8 @@ def main() -> None:
         for label, src in implementations:
             shared = work / f"shared-{label}-{size}"
             shutil.rmtree(shared, ignore_errors=True)
+            if args.preformatted:
+                preformat(shared, domain, general)
             for phase in ("cold", "warm"):
                 spec = {"domain": str(domain), "general": str(general), "shared": str(shared), "num_proc": args.num_proc,
                         "eval": args.eval_samples,

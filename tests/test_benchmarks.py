@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"[\d,]+(\.\d+)?"
 
@@ -71,6 +73,7 @@ def test_filter_scale_smoke():
     assert re.search(rf"\| 16 \| 3000 \| {NUMBER} \| \d+ \| {NUMBER} / {NUMBER} \| \d+ / \d+ \|", out)
 
 
+@pytest.mark.slow
 def test_prep_scale_smoke(tmp_path):
     """Two tiny pool sizes through the real `api.run`, cold then warm: one JSON row per measurement
     and the table; the warm run reads the cached Arrow tables (its log shows no formatting or planning)."""
