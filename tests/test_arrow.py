@@ -215,3 +215,28 @@ def test_saved_plans_must_match_manifest(tmp_path):
     (tmp_path / "mix" / "plans.npz").write_bytes(b"torn")
     with pytest.raises(AdaptError, match="plans.npz does not match"):
         Mixture.load(tmp_path / "mix")
+
+
+_turn_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.tuples(_turn_text, _turn_text), min_size=1, max_size=3)),
+                min_size=1, max_size=12), st.sampled_from([16, 48, 2048]))
+def test_plan_many_equals_plan(tiny_tokenizer, rows, max_length):
+    """One batched tokenizer call gives what `plan` gives record by record (text, drops, truncation)."""
+    builder = SampleBuilder(Encoder(tiny_tokenizer, "internvl2_5"), max_length=max_length)
+    records = []
+    for system, turns in rows:
+        convs = [{"from": "system", "value": "Be brief."}] if system else []
+        for question, answer in turns:
+            convs += [{"from": "human", "value": question or "?"}, {"from": "gpt", "value": answer or "."}]
+        records.append({"id": "x", "conversations": convs})
+    expected = []
+    for record in records:
+        try:
+            expected.append(builder.plan(record, "/"))
+        except SampleDropped as err:
+            expected.append(str(err))
+    got = [str(p) if isinstance(p, SampleDropped) else p for p in builder.plan_many(records, "/")]
+    assert got == expected

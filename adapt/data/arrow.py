@@ -369,12 +369,9 @@ def _plan_batch(texts: list[str], *, builder: SampleBuilder, root: str, view: Ro
     from adapt.data.samples import SampleDropped
 
     out: dict[str, list[Any]] = {"length": [], "tiles": [], "supervised": [], "drop": []}
-    for text in texts:
-        try:
-            planned = builder.plan(view.decode(text), root)
-            values = (planned.length, planned.tiles, planned.supervised, None)
-        except SampleDropped as err:
-            values = (-1, 0, 0, str(err))
+    for planned in builder.plan_many([view.decode(text) for text in texts], root):
+        dropped = isinstance(planned, SampleDropped)
+        values = (-1, 0, 0, str(planned)) if dropped else (planned.length, planned.tiles, planned.supervised, None)
         for name, value in zip(out, values):
             out[name].append(value)
     return out
