@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -35,9 +36,10 @@ from tqdm import tqdm
 import formatters
 from adapt import console, experiments, preflight
 from adapt.checkpoints import models
-from adapt.config import RunConfig, parse_run_config, read_run_config
+from adapt.config import RunConfig, parse_run_config, read_run_config, resolve_num_proc
 from adapt.config import load_config_file as load_config_file  # the CLI and notebooks read configs here
 from adapt.data import filtering, mixing
+from adapt.data.arrow import RowPlanner, Rows
 from adapt.data.records import Record
 from adapt.data.samples import SampleBuilder
 from adapt.data.splits import split_by_group, take_fraction
@@ -222,6 +224,10 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
                          hint="pass --general /path/to/internvl_meta.json (or --general-ratio 0)")
     report = Report(name="load", strict=config.strict)
     seed = config.seed
+    # records become memory-mapped Arrow tables, cached beside the formatted data (a sweep's shared
+    # folder): a second run with the same files reads no JSONL and plans nothing again
+    arrow_cache = (shared_dir or data_dir) / "arrow"
+    num_proc = resolve_num_proc(config.num_proc)
     domain_sources, general_sources = [], []
     with console.phase("formatting", unit="rec") as bar:
         for kind, items, bucket in (("domain", data, domain_sources), ("general", general, general_sources)):
@@ -229,7 +235,8 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
                 out = formatted_dir / item.label
                 format_source(item, out, strict=config.strict, progress=bar, num_proc=config.num_proc)
                 loaded_sources = mixing.load_sources(out, kind=kind, weight=item.weight, name=item.label,
-                                                     report=report, seed=seed)
+                                                     report=report, seed=seed, arrow_cache=arrow_cache,
+                                                     num_proc=num_proc)
                 for source in loaded_sources if item.max_tiles else ():
                     mixing.limit_tiles(source, item.max_tiles)
                 bucket.extend(loaded_sources)
@@ -247,15 +254,23 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
             keep.append(train_part)
             heldout[kind] += [(r, held_part.root) for r in held_part.records]
     train_domain = [take_fraction(source, config.domain_fraction, seed) for source in train_domain]
+    filter_settings = {**domain.filter, **config.filter}
+    if filter_settings:  # the filter decides per record object: it reads the sources into memory
+        for source in train_domain + train_general:
+            source.records = source.records.materialize() if isinstance(source.records, Rows) else source.records
     train_domain, train_general, filtered = filtering.filter_training(
-        {**domain.filter, **config.filter}, train_domain, train_general, heldout["domain"] + heldout["general"],
-        data_dir)
-    builder = make_builder(loaded, train_config)
+        filter_settings, train_domain, train_general, heldout["domain"] + heldout["general"], data_dir)
+    planner = RowPlanner(make_builder(loaded, train_config), arrow_cache, num_proc)
+    if config.mix_by == "tokens":  # every domain row is measured: plan them in one batched pass
+        for source in train_domain:
+            planner.plan_source(source, np.arange(len(source)))
     mixture = mixing.mix(train_domain, train_general if config.general_ratio > 0 else [],
                          general_ratio=config.general_ratio, mix_by=config.mix_by, seed=seed,
-                         upsample=config.upsample or config.demo, measure=mixing.supervised_tokens(builder))
+                         upsample=config.upsample or config.demo, measure=planner if config.mix_by == "tokens" else None)
     mixture.holdout = holdout
-    mixture.save(mixture_dir, plan=builder.plan)
+    with console.phase("planning", unit="sample", show=False):
+        mixture.plans = planner.plan_mixture(mixture.entries)  # once: the manifest and train() reuse it
+    mixture.save(mixture_dir)
     if filtered is not None:
         filtering.record_in_manifest(mixture_dir / "manifest.json", filtered)
         say(filtered.summary())
@@ -388,7 +403,7 @@ def _run(config: RunConfig | None, start: preflight.StartGuard, *, resume: str |
     else:
         result = train(loaded, data.mixture.entries, train_config, run_dir / "checkpoints",
                        resume=resume is not None, logging_dir=run_dir / "logs", progress=progress,
-                       callbacks=[console.LogToRunLog()])
+                       callbacks=[console.LogToRunLog()], plans=data.mixture.plans)
     say(result.trainable)
     export_dir = run_dir / "export" if export else None
     if main:

@@ -112,7 +112,13 @@ def phase(name: str, *, total: int | None = None, unit: str = "it", show: bool =
 
 
 class LogToRunLog(TrainerCallback):
-    """The Trainer's loss lines go to the run log (the console shows them only in its progress bar)."""
+    """The Trainer's loss lines go to the run log (the console shows them only in its progress bar),
+    and the moment the first batch is ready (wall-clock seconds: what benchmarks/prep_scale.py reads)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0 and not getattr(self, "_started", False) and state.is_world_process_zero:
+            self._started = True
+            log(f"first training step: its batch is ready (unix time {time.time():.3f})")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:

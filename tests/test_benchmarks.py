@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"[\d,]+(\.\d+)?"
 
@@ -79,3 +81,22 @@ def test_format_driving_one_and_two_processes_write_the_same_bytes():
     assert re.search(rf"speed-up num_proc=2 vs num_proc=1: {NUMBER}x; byte-identical output: True", out), out
     for step in ("plan", "decode", "resize", "encode"):
         assert re.search(rf"  {step} +{NUMBER} s", out), step
+
+
+@pytest.mark.slow
+def test_prep_scale_smoke(tmp_path):
+    """Two tiny pool sizes through the real `api.run`, cold then warm: one JSON row per measurement
+    and the table; the warm run reads the cached Arrow tables (its log shows no formatting or planning)."""
+    import json
+
+    out = _run("benchmarks/prep_scale.py", "--sizes", "200,400", "--eval-samples", "2", "--num-proc", "1",
+               "--work", str(tmp_path), timeout=600)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["general"], r["domain"], r["phase"]) for r in rows] == \
+        [(200, 20, "cold"), (200, 20, "warm"), (400, 40, "cold"), (400, 40, "warm")]
+    assert all(r["first_step_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    assert re.search(rf"\| new \| 400 \+ 40 \| warm \| {NUMBER} \| {NUMBER} / {NUMBER} \| {NUMBER} \| \d+ \| \d+ / \d+ \|", out)
+    assert re.search(r"new warm: peak RSS 200 -> 400 general records: [+-]\d+\.\d%", out)
+    warm_logs = sorted(tmp_path.glob("runs/new-400-warm-*/logs/run.log"))
+    assert len(warm_logs) == 1 and "wrote" not in warm_logs[0].read_text()  # formatting reused
+    assert (tmp_path / "shared-new-400" / "arrow").is_dir()

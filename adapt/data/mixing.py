@@ -11,16 +11,17 @@ outweigh short domain answers (multiple-choice letters) by far more than their s
 
 from __future__ import annotations
 
-import contextlib
-import gc
+import array
 import hashlib
 import json
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from adapt.data.records import Record, apply_repeat, read_jsonl, read_meta
 from adapt.errors import AdaptError, Report
@@ -38,11 +39,12 @@ Plan = Callable[[Record, str], "Planned"]
 
 @dataclass
 class Source:
-    """One dataset: its records, the folder their image paths resolve in, and its share of its kind."""
+    """One dataset: its records (a list, or an `arrow.Rows` view read lazily from an Arrow table), the
+    folder their image paths resolve in, and its share of its kind."""
 
     name: str
     root: str
-    records: list[Record]
+    records: Sequence[Record]
     kind: str
     weight: float = 1.0
     max_tiles: int | None = None
@@ -65,25 +67,30 @@ def _check_kind_weight(name: str, kind: str, weight: float) -> None:
 # -- loading ----------------------------------------------------------------------------------------
 
 def load_sources(path: str | Path, *, kind: str, weight: float = 1.0, name: str | None = None,
-                 report: Report, seed: int = 0) -> list[Source]:
+                 report: Report, seed: int = 0, arrow_cache: str | Path | None = None,
+                 num_proc: int = 1) -> list[Source]:
     """Sources from a formatter output folder (`records.jsonl` + `meta.json`), an InternVL meta file
-    (one Source per entry) or a bare JSONL (its folder is the image root). Bad rows go to `report`."""
+    (one Source per entry) or a bare JSONL (its folder is the image root). Bad rows go to `report`.
+
+    With `arrow_cache` (a folder) each file is read into a cached Arrow table (`adapt.data.arrow`,
+    `num_proc` processes) and the records stay there: `Source.records` is then a lazy `Rows` view."""
     path = Path(path)
+    read = {"arrow_cache": arrow_cache, "num_proc": num_proc}
     if path.is_dir():
         if (path / "meta.json").is_file():
             return load_sources_from_meta(path / "meta.json", kind=kind, weight=weight, name=name,
-                                          report=report, seed=seed)
+                                          report=report, seed=seed, **read)
         if (path / "records.jsonl").is_file():
-            return [_jsonl_source(path / "records.jsonl", name or path.name, kind, weight, report)]
+            return [_jsonl_source(path / "records.jsonl", name or path.name, kind, weight, report, **read)]
         raise AdaptError("folder has neither meta.json nor records.jsonl", path=path,
                          hint="pass a formatter output folder, an InternVL meta .json file or a .jsonl file")
     if not path.is_file():
         raise AdaptError("data source not found", path=path,
                          hint="pass a formatter output folder, an InternVL meta .json file or a .jsonl file")
     if path.suffix == ".jsonl":
-        return [_jsonl_source(path, name or path.stem, kind, weight, report)]
+        return [_jsonl_source(path, name or path.stem, kind, weight, report, **read)]
     if path.suffix == ".json":
-        return load_sources_from_meta(path, kind=kind, weight=weight, name=name, report=report, seed=seed)
+        return load_sources_from_meta(path, kind=kind, weight=weight, name=name, report=report, seed=seed, **read)
     raise AdaptError("unrecognised data source", path=path,
                      hint="pass a formatter output folder, an InternVL meta .json file or a .jsonl file")
 
@@ -100,7 +107,8 @@ def load_source(path: str | Path, *, name: str | None = None, kind: str, weight:
 
 
 def load_sources_from_meta(path: str | Path, *, kind: str, weight: float = 1.0, name: str | None = None,
-                           report: Report, seed: int = 0) -> list[Source]:
+                           report: Report, seed: int = 0, arrow_cache: str | Path | None = None,
+                           num_proc: int = 1) -> list[Source]:
     """One Source per meta-file entry, `repeat_time` applied (seeded) and `max_dynamic_patch` kept as
     each record's `meta.max_tiles` (a record's own value wins).
 
@@ -110,17 +118,24 @@ def load_sources_from_meta(path: str | Path, *, kind: str, weight: float = 1.0, 
     path = Path(path)
     _check_kind_weight(name or str(path), kind, weight)
     specs = read_meta(path)
-    loaded: list[tuple[str, str, list[Record], int | None]] = []
+    loaded: list[tuple[str, str, Sequence[Record], int | None]] = []
     for spec in specs:
         max_tiles = spec.max_dynamic_patch
-        records = _read_records(Path(spec.annotation), spec.root, report)
-        if max_tiles is not None:
-            for record in records:
-                record["meta"].setdefault("max_tiles", max_tiles)
+        records: Sequence[Record]
+        if arrow_cache is not None:
+            from adapt.data.arrow import Rows, read_table
+
+            table, valid = read_table(spec.annotation, spec.root, report, cache_dir=arrow_cache, num_proc=num_proc)
+            records = Rows(table, valid, max_tiles=max_tiles).repeat(spec.repeat_time, seed)
+        else:
+            records = _read_records(Path(spec.annotation), spec.root, report)
+            if max_tiles is not None:
+                for record in records:
+                    record["meta"].setdefault("max_tiles", max_tiles)
+            records = apply_repeat(records, spec.repeat_time, seed)
         source_name = spec.name if name is None else name if len(specs) == 1 else f"{name}:{spec.name}"
         loaded.append((source_name, str(Path(spec.root).resolve()),
-                       _non_empty(apply_repeat(records, spec.repeat_time, seed), source_name, spec.annotation, report),
-                       max_tiles))
+                       _non_empty(records, source_name, spec.annotation, report), max_tiles))
     size = sum(len(records) for _, _, records, _ in loaded)
     return [Source(name=n, root=root, records=records, kind=kind, max_tiles=max_tiles,
                    weight=weight if len(loaded) == 1 else weight * len(records) / size)
@@ -131,16 +146,26 @@ def limit_tiles(source: Source, max_tiles: int) -> None:
     """A per-source tile budget from the run config: each record's `meta.max_tiles`, which can lower
     the run's max_tiles for this source's images (never raise it)."""
     source.max_tiles = min(source.max_tiles or max_tiles, max_tiles)
+    if not isinstance(source.records, list):  # an arrow.Rows view applies it as it reads each record
+        source.records.limit = min(source.records.limit or max_tiles, max_tiles)
+        return
     for record in source.records:
         meta = record.setdefault("meta", {})
         meta["max_tiles"] = min(meta.get("max_tiles") or max_tiles, max_tiles)
 
 
-def _jsonl_source(path: Path, name: str, kind: str, weight: float, report: Report) -> Source:
+def _jsonl_source(path: Path, name: str, kind: str, weight: float, report: Report, *,
+                  arrow_cache: str | Path | None = None, num_proc: int = 1) -> Source:
     _check_kind_weight(name, kind, weight)
     root = str(path.parent.resolve())
-    return Source(name=name, root=root, records=_non_empty(_read_records(path, root, report), name, path, report),
-                  kind=kind, weight=weight)
+    records: Sequence[Record]
+    if arrow_cache is not None:
+        from adapt.data.arrow import Rows, read_table
+
+        records = Rows(*read_table(path, root, report, cache_dir=arrow_cache, num_proc=num_proc))
+    else:
+        records = _read_records(path, root, report)
+    return Source(name=name, root=root, records=_non_empty(records, name, path, report), kind=kind, weight=weight)
 
 
 def _read_records(annotation: Path, root: str, report: Report) -> list[Record]:
@@ -153,8 +178,8 @@ def _read_records(annotation: Path, root: str, report: Report) -> list[Record]:
     return out
 
 
-def _non_empty(records: list[Record], name: str, path: str | Path, report: Report) -> list[Record]:
-    if not records:
+def _non_empty(records: Sequence[Record], name: str, path: str | Path, report: Report) -> Sequence[Record]:
+    if not len(records):
         reasons = ", ".join(f"{k}: {v}" for k, v in report.reasons().most_common(3)) or "the file has no rows"
         raise AdaptError(f"source {name!r} has no usable records ({reasons})", path=path,
                          hint="check the file (the skip report lists each bad row), or leave this source out")
@@ -171,19 +196,6 @@ def content_key(record: Record) -> str:
 
 
 # -- mixing -----------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _bulk() -> Iterator[None]:
-    """Pause the cyclic GC while building many small dicts (they form no cycles): its repeated full
-    scans otherwise make loading a 600k-sample mixture about three times slower."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
 
 @dataclass
 class SourceUsage:
@@ -203,12 +215,137 @@ class SourceUsage:
     dropped: int | None = None
 
 
+class _LazyEntries(Sequence):
+    """(record, root) pairs read on access; equal to any sequence of the same pairs. `source_index`
+    (one per entry) indexes `names`, the mixture's source names."""
+
+    names: list[str]
+    source_index: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        return len(self.source_index)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.entry(int(index))
+
+    def entry(self, index: int) -> tuple[Record, str]:
+        raise NotImplementedError
+
+
+class Entries(_LazyEntries):
+    """A mixed mixture's entries: entry i is row `rows[i]` of `sources[source_index[i]]`, tagged with
+    `meta.mix_source`. Only the index arrays live in memory; records are read (from Arrow) on access."""
+
+    def __init__(self, sources: list[Source], source_index: np.ndarray, rows: np.ndarray) -> None:
+        self.sources, self.names = sources, [s.name for s in sources]
+        self.source_index, self.rows = source_index, rows
+
+    def entry(self, index: int) -> tuple[Record, str]:
+        source = self.sources[self.source_index[index]]
+        record = source.records[int(self.rows[index])]
+        return {**record, "meta": {**record.get("meta", {}), "mix_source": source.name}}, source.root
+
+    def keys(self) -> np.ndarray:
+        """One int per distinct (source, row): repeats of a drawn record share it."""
+        return self.source_index.astype(np.int64) * (int(self.rows.max(initial=0)) + 1) + self.rows
+
+
+class SavedEntries(_LazyEntries):
+    """The entries of a saved `mixture.jsonl`, read line by line on access (line offsets in memory)."""
+
+    def __init__(self, path: Path, offsets: np.ndarray, names: list[str], source_index: np.ndarray,
+                 roots: dict[str, str]) -> None:
+        self.path, self.offsets, self.names, self.source_index, self.roots = path, offsets, names, source_index, roots
+        self._handle: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # each dataloader worker opens the file itself
+        return {**self.__dict__, "_handle": None}
+
+    def entry(self, index: int) -> tuple[Record, str]:
+        if self._handle is None:
+            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open for the reads that follow
+        self._handle.seek(int(self.offsets[index]))
+        record = json.loads(self._handle.readline())
+        return record, self.roots[self.names[self.source_index[index]]]
+
+
+@dataclass
+class Plans:
+    """Each entry's `SampleBuilder.plan`, computed once and reused by the manifest, `train()` and a
+    resumed run: length -1 marks a dropped entry, its reason in `drops` (entry index -> reason)."""
+
+    length: np.ndarray
+    tiles: np.ndarray
+    supervised: np.ndarray
+    drops: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def compute(cls, entries: Sequence[tuple[Record, str]], plan: Plan) -> Plans:
+        """Plan entry by entry; a drawn record's repeats are planned once."""
+        from adapt.data.samples import SampleDropped
+
+        keys = entries.keys() if isinstance(entries, Entries) else None
+        values = np.zeros((3, len(entries)), dtype=np.int64)
+        drops: dict[int, str] = {}
+        done: dict[int, int] = {}
+        for i, (record, root) in enumerate(entries):
+            key = int(keys[i]) if keys is not None else None
+            if key is not None and key in done:
+                values[:, i] = values[:, done[key]]
+                if done[key] in drops:
+                    drops[i] = drops[done[key]]
+                continue
+            try:
+                planned = plan(record, root)
+                values[:, i] = (planned.length, planned.tiles, planned.supervised)
+            except SampleDropped as err:
+                values[:, i] = (-1, 0, 0)
+                drops[i] = str(err)
+            if key is not None:
+                done[key] = i
+        return cls(values[0], values[1], values[2], drops)
+
+    @classmethod
+    def from_planned(cls, planned: Sequence[Planned | None]) -> Plans:
+        """From `samples.plan_all`'s list (None: dropped; its reason is in plan_all's report)."""
+        values = np.array([(-1, 0, 0) if p is None else (p.length, p.tiles, p.supervised) for p in planned],
+                          dtype=np.int64).reshape(-1, 3)
+        return cls(values[:, 0].copy(), values[:, 1].copy(), values[:, 2].copy())
+
+    def save(self, path: Path) -> str:
+        """Write atomically; returns the file's sha256 (for the manifest)."""
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, length=self.length, tiles=self.tiles, supervised=self.supervised,
+                 drops=np.array(json.dumps({str(k): v for k, v in self.drops.items()})))
+        with atomic_write(path, "wb") as handle:
+            handle.write(buffer.getvalue())
+        return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+    @classmethod
+    def load(cls, path: Path) -> Plans:
+        with np.load(path) as data:
+            drops = {int(k): v for k, v in json.loads(str(data["drops"])).items()}
+            return cls(data["length"], data["tiles"], data["supervised"], drops)
+
+
 @dataclass
 class Mixture:
     """The training mixture: (record, root) entries in their final order, each record tagged with
-    `meta.mix_source`, and how each source was used."""
+    `meta.mix_source`, how each source was used, and (once planned) each entry's plan. `entries` is
+    a lazy `Entries` / `SavedEntries` view (or, built by hand, a list)."""
 
-    entries: list[tuple[Record, str]]
+    entries: Sequence[tuple[Record, str]]
     sources: dict[str, SourceUsage]
     requested_ratio: float
     mix_by: str
@@ -217,6 +354,7 @@ class Mixture:
     total: int | None = None
     notes: list[str] = field(default_factory=list)
     holdout: dict[str, Any] = field(default_factory=dict)  # per source: how held-out records were grouped
+    plans: Plans | None = None
 
     def _count(self, kind: str, attr: str) -> int | None:
         values = [getattr(u, attr) for u in self.sources.values() if u.kind == kind and u.samples]
@@ -237,10 +375,13 @@ class Mixture:
         return general / (general + domain)
 
     def manifest(self, plan: Plan | None = None) -> dict[str, Any]:
-        """A JSON-able account of the mixture. With `plan` (e.g. `SampleBuilder.plan`) every entry is
-        planned once and the per-source tokens, tiles, supervised tokens and drops are filled (and kept)."""
-        if plan is not None:
-            self._fill_from_plan(plan)
+        """A JSON-able account of the mixture. With `plan` (e.g. `SampleBuilder.plan`) every entry not
+        planned yet is planned once; planned, the per-source tokens, tiles, supervised tokens and drops
+        are filled (and kept)."""
+        if plan is not None and self.plans is None:
+            self.plans = Plans.compute(self.entries, plan)
+        if self.plans is not None:
+            self._fill_from_plans(self.plans)
         return {
             "version": MANIFEST_VERSION, "mix_by": self.mix_by, "seed": self.seed,
             "requested_ratio": self.requested_ratio, "total": self.total, "upsample": self.upsample,
@@ -251,27 +392,20 @@ class Mixture:
             "notes": list(self.notes), "holdout": self.holdout,
         }
 
-    def _fill_from_plan(self, plan: Plan) -> None:
-        from adapt.data.samples import SampleDropped
-
-        sums = {name: [0, 0, 0, 0] for name in self.sources}  # supervised, tokens, tiles, dropped
-        cache: dict[int, Any] = {}
-        for record, root in self.entries:
-            if id(record) not in cache:
-                try:
-                    cache[id(record)] = plan(record, root)
-                except SampleDropped:
-                    cache[id(record)] = None
-            planned, acc = cache[id(record)], sums[record["meta"]["mix_source"]]
-            if planned is None:
-                acc[3] += 1
-            else:
-                acc[0] += planned.supervised
-                acc[1] += planned.length
-                acc[2] += planned.tiles
-        for name, (supervised, tokens, tiles, dropped) in sums.items():
+    def _fill_from_plans(self, plans: Plans) -> None:
+        if isinstance(self.entries, _LazyEntries):
+            names, index = self.entries.names, self.entries.source_index
+        else:
+            names = list(self.sources)
+            index = np.array([names.index(r["meta"]["mix_source"]) for r, _ in self.entries], dtype=np.int64)
+        kept = plans.length >= 0
+        for position, name in enumerate(names):
+            mine = index == position
             usage = self.sources[name]
-            usage.supervised_tokens, usage.tokens, usage.tiles, usage.dropped = supervised, tokens, tiles, dropped
+            usage.supervised_tokens = int(plans.supervised[mine & kept].sum())
+            usage.tokens = int(plans.length[mine & kept].sum())
+            usage.tiles = int(plans.tiles[mine & kept].sum())
+            usage.dropped = int((mine & ~kept).sum())
 
     def summary(self) -> str:
         """Human-readable lines for the CLI and logs."""
@@ -284,8 +418,9 @@ class Mixture:
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
     def save(self, folder: str | Path, plan: Plan | None = None) -> None:
-        """Write `mixture.jsonl` then `manifest.json` (each atomically); the manifest carries the
-        records file's hash, so a pair torn by a crash between the two writes is refused on load."""
+        """Write `mixture.jsonl` (streamed entry by entry), `plans.npz` when planned, then
+        `manifest.json` (each atomically); the manifest carries the files' hashes, so a set torn by a
+        crash between the writes is refused on load."""
         folder = Path(folder)
         digest = hashlib.sha256()
         with atomic_write(folder / "mixture.jsonl") as handle:
@@ -295,16 +430,18 @@ class Mixture:
                 handle.write(line)
         manifest = self.manifest(plan)
         manifest["files"] = {"mixture.jsonl": {"records": len(self.entries), "sha256": digest.hexdigest()}}
+        if self.plans is not None:
+            manifest["files"]["plans.npz"] = {"sha256": self.plans.save(folder / "plans.npz")}
         atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
 
     @classmethod
     def load(cls, folder: str | Path) -> Mixture:
-        """The mixture `save` wrote: same entries in the same order, roots from the manifest."""
+        """The mixture `save` wrote: same entries in the same order (read lazily), roots from the manifest."""
         folder = Path(folder)
         manifest_path, records_path = folder / "manifest.json", folder / "mixture.jsonl"
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            raw = records_path.read_bytes()
+            records_path.stat()  # the missing-file message names it
         except FileNotFoundError as err:
             raise AdaptError("saved mixture is incomplete (missing file)", path=err.filename,
                              hint="re-run the mixing step into this folder") from None
@@ -312,10 +449,7 @@ class Mixture:
             raise AdaptError(f"manifest is not valid JSON ({err})", path=manifest_path) from None
         if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
             raise AdaptError(f"unsupported mixture manifest (expected version {MANIFEST_VERSION})", path=manifest_path)
-        expected = manifest.get("files", {}).get("mixture.jsonl", {})
-        if hashlib.sha256(raw).hexdigest() != expected.get("sha256"):
-            raise AdaptError("mixture.jsonl does not match manifest.json (edited, or a save was interrupted)",
-                             path=records_path, hint="re-run the mixing step; a resumed run needs the exact mixture")
+        files = manifest.get("files", {})
         try:
             sources = {name: SourceUsage(**usage) for name, usage in manifest["sources"].items()}
             settings = {key: manifest[key] for key in ("requested_ratio", "mix_by", "seed", "upsample", "total",
@@ -324,16 +458,41 @@ class Mixture:
         except (KeyError, TypeError, AttributeError) as err:
             raise AdaptError(f"mixture manifest is malformed ({err})", path=manifest_path,
                              hint="re-run the mixing step") from None
-        entries = []
-        with _bulk():
-            for row, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-                record = json.loads(line)
-                name = record.get("meta", {}).get("mix_source")
-                if name not in sources:
-                    raise AdaptError(f"record names source {name!r}, which the manifest does not list",
-                                     path=records_path, row=row, hint="re-run the mixing step")
-                entries.append((record, sources[name].root))
-        return cls(entries=entries, sources=sources, **settings)
+        names = list(sources)
+        position = {name: i for i, name in enumerate(names)}
+        digest, offsets, index = hashlib.sha256(), array.array("q"), array.array("i")
+        unknown: tuple[int, Any] | None = None
+        with open(records_path, "rb") as handle:
+            offset = 0
+            for row, line in enumerate(handle, start=1):  # every row is checked before training on any
+                digest.update(line)
+                try:
+                    name = json.loads(line).get("meta", {}).get("mix_source")
+                except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                    name = None
+                if name not in position and unknown is None:
+                    unknown = (row, name)
+                offsets.append(offset)
+                index.append(position.get(name, -1))
+                offset += len(line)
+        if digest.hexdigest() != files.get("mixture.jsonl", {}).get("sha256"):
+            raise AdaptError("mixture.jsonl does not match manifest.json (edited, or a save was interrupted)",
+                             path=records_path, hint="re-run the mixing step; a resumed run needs the exact mixture")
+        if unknown is not None:
+            raise AdaptError(f"record names source {unknown[1]!r}, which the manifest does not list",
+                             path=records_path, row=unknown[0], hint="re-run the mixing step")
+        plans = None
+        if "plans.npz" in files:
+            plans_path = folder / "plans.npz"
+            if not plans_path.is_file() or hashlib.sha256(plans_path.read_bytes()).hexdigest() != \
+                    files["plans.npz"].get("sha256"):
+                raise AdaptError("plans.npz does not match manifest.json (edited, or a save was interrupted)",
+                                 path=plans_path, hint="re-run the mixing step")
+            plans = Plans.load(plans_path)
+        entries = SavedEntries(records_path, np.frombuffer(offsets, dtype=np.int64), names,
+                               np.frombuffer(index, dtype=np.int32),
+                               {name: usage.root for name, usage in sources.items()})
+        return cls(entries=entries, sources=sources, plans=plans, **settings)
 
 
 class _Stream:
@@ -347,7 +506,7 @@ class _Stream:
         total_weight = sum(s.weight for s in sources)
         self.shares = [s.weight / total_weight for s in sources]
         self.counts = [0] * len(sources)
-        self.orders: list[list[int]] = [[] for _ in sources]
+        self.orders: list[np.ndarray] = [np.zeros(0, np.int64) for _ in sources]
         self.picks: list[tuple[int, int]] = []
         self.slack = 1 / (2 * len(sources) - 2) if len(sources) > 1 else 0.0
 
@@ -371,8 +530,8 @@ class _Stream:
         if position == 0:
             order = list(range(size))
             random.Random(f"adapt.mix:{self.seed}:{self.salt}:{self.sources[i].name}:{cycle}").shuffle(order)
-            self.orders[i] = order
-        self.picks.append((i, self.orders[i][position]))
+            self.orders[i] = np.array(order, dtype=np.int64)  # 8 bytes a row, not a Python int each
+        self.picks.append((i, int(self.orders[i][position])))
         self.counts[i] += 1
 
     def exhausted_once(self) -> bool:
@@ -410,11 +569,12 @@ def mix(domain: list[Source], general: list[Source], *, general_ratio: float, mi
     tokens_cache: dict[tuple[str, int], int] = {}
 
     def tokens(sources: list[Source], pick: tuple[int, int]) -> int:
-        source = sources[pick[0]]
-        record = source.records[pick[1]]
-        key = (source.name, id(record))
-        if key not in tokens_cache:
-            tokens_cache[key] = int(measure(record, source.root))  # type: ignore[misc]
+        source, row = sources[pick[0]], pick[1]
+        key = (source.name, row)
+        if key not in tokens_cache:  # a measure that plans by row (see `RowPlanner`) reads no record here
+            by_row = getattr(measure, "by_row", None)
+            tokens_cache[key] = int(by_row(source, row) if by_row is not None
+                                    else measure(source.records[row], source.root))  # type: ignore[misc]
         return tokens_cache[key]
 
     domain_stream, general_stream = _Stream(domain, seed, "domain"), _Stream(general, seed, "general")
@@ -448,13 +608,15 @@ def mix(domain: list[Source], general: list[Source], *, general_ratio: float, mi
             for pick in picks:
                 usages[sources[pick[0]].name].supervised_tokens += tokens(sources, pick)
 
-    tagged: dict[tuple[str, int], Record] = {}
-    with _bulk():
-        entries = [_entry(sources, pick, tagged) for sources, picks in ((domain, domain_picks), (general, general_picks))
-                   for pick in picks]
-    random.Random(f"adapt.mix:{seed}:order").shuffle(entries)
-    return Mixture(entries=entries, sources=usages, requested_ratio=r, mix_by=mix_by, seed=seed,
-                   upsample=upsample, total=total, notes=notes)
+    # the final order is a seeded shuffle of the picks (as a list of entries was shuffled before), kept
+    # as (source, row) index arrays: records are read when the mixture is saved or trained on
+    picks = domain_picks + [(len(domain) + i, j) for i, j in general_picks]
+    order = list(range(len(picks)))
+    random.Random(f"adapt.mix:{seed}:order").shuffle(order)
+    source_index = np.fromiter((picks[k][0] for k in order), dtype=np.int32, count=len(order))
+    rows = np.fromiter((picks[k][1] for k in order), dtype=np.int64, count=len(order))
+    return Mixture(entries=Entries(domain + general, source_index, rows), sources=usages, requested_ratio=r,
+                   mix_by=mix_by, seed=seed, upsample=upsample, total=total, notes=notes)
 
 
 def supervised_tokens(builder: SampleBuilder) -> Measure:
@@ -557,13 +719,3 @@ def _usages(sources: list[Source], picks: list[tuple[int, int]], upsample: bool,
                                        max_tiles=source.max_tiles, available=size, used=len(used),
                                        samples=count, upsample_factor=round(factor, 4))
     return out
-
-
-def _entry(sources: list[Source], pick: tuple[int, int], tagged: dict[tuple[str, int], Record]) -> tuple[Record, str]:
-    """(record tagged with its source name, root); a record drawn twice shares one tagged copy."""
-    source = sources[pick[0]]
-    record = source.records[pick[1]]
-    key = (source.name, id(record))
-    if key not in tagged:
-        tagged[key] = {**record, "meta": {**record.get("meta", {}), "mix_source": source.name}}
-    return tagged[key], source.root

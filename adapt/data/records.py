@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -78,13 +78,13 @@ def normalize(record: Record) -> Record:
 
 
 def problems(record: Any, *, root: str | Path | None = None, check_files: bool = False,
-             require_answer: bool = True) -> list[str]:
+             require_answer: bool = True, resolve: Callable[[str | Path, str], Path] = resolve_inside) -> list[str]:
     """Everything wrong with a record, as short sentences (empty list = valid).
 
     Checks: shape, roles (optional leading system turn, then human/gpt alternating, starting with
     human and ending with gpt), no empty answer, `<image>` count == image count, `<video>` at most
     once and only with a video, markup (`adapt.data.text`), paths inside `root` (and existing when
-    `check_files`).
+    `check_files`). `resolve` is `fileio.resolve_inside`, or a memo of it when many rows share files.
     """
     if not isinstance(record, dict):
         return ["row is not a JSON object"]
@@ -132,7 +132,7 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
         video = [record["video"]] if record.get("video") else []
         for rel in images + video:
             try:
-                path = resolve_inside(root, rel)
+                path = resolve(root, rel)
             except AdaptError as err:
                 out.append(err.message)
                 continue

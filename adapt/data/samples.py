@@ -11,6 +11,7 @@ Truncation never cuts inside an image span: such a sample is dropped with its id
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ class SampleBuilder:
         self.resample = resample
         self.video_frames, self.train, self.seed = video_frames, train, seed
         self.special_tokens = tokenizer_special_tokens(encoder.tokenizer)  # text must never become these ids
+        # (root, path) -> (width, height): pools reuse a few images across many records, so each file's
+        # header is read (and its path checked) once per builder, not once per record
+        self._sizes: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- shapes --------------------------------------------------------------------------------
     def policy_for(self, record: Record) -> TilingPolicy:
@@ -90,8 +94,10 @@ class SampleBuilder:
         policy = self.policy_for(record)
         out = []
         for rel in images_of(record):
-            out.append(count_tiles(*image_size(resolve_inside(root, rel)), policy.min_tiles, policy.max_tiles,
-                                   policy.thumbnail))
+            key = (str(root), rel)
+            if key not in self._sizes:
+                self._sizes[key] = image_size(resolve_inside(root, rel))
+            out.append(count_tiles(*self._sizes[key], policy.min_tiles, policy.max_tiles, policy.thumbnail))
         return out
 
     def plan(self, record: Record, root: str | Path) -> Planned:
@@ -107,6 +113,31 @@ class SampleBuilder:
             raise SampleDropped(err.message) from None
         encoded = self._fit(self.encoder.encode(record, tiles), record)
         return Planned(len(encoded), sum(tiles), sum(1 for v in encoded.labels[1:] if v != IGNORE_INDEX))
+
+    def plan_many(self, records: list[Record], root: str | Path) -> list[Planned | SampleDropped]:
+        """`plan` of several records (a dropped one as its SampleDropped), the text of all of them
+        tokenized in one batched call (`Encoder.encode_many`): the same results as `plan` one by one."""
+        out: list[Planned | SampleDropped | None] = [None] * len(records)
+        todo: list[tuple[int, Record, list[int]]] = []
+        for i, record in enumerate(records):
+            marked = record_problems(record, self.special_tokens)
+            if marked:
+                out[i] = SampleDropped("; ".join(marked))
+                continue
+            try:
+                todo.append((i, record, self.tiles_from_headers(record, root)))
+            except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+                out[i] = SampleDropped(f"unreadable image ({err})")
+            except AdaptError as err:
+                out[i] = SampleDropped(err.message)
+        encoded = self.encoder.encode_many([(record, tiles) for _, record, tiles in todo])
+        for (i, record, tiles), one in zip(todo, encoded):
+            try:
+                fitted = self._fit(one, record)
+                out[i] = Planned(len(fitted), sum(tiles), sum(1 for v in fitted.labels[1:] if v != IGNORE_INDEX))
+            except SampleDropped as err:
+                out[i] = err
+        return out  # type: ignore[return-value]
 
     def _fit(self, encoded: Encoded, record: Record) -> Encoded:
         """Truncate to max_length, unless that would cut an image span or leave nothing to learn."""
@@ -163,7 +194,7 @@ class SampleBuilder:
         )
 
 
-def plan_all(builder: SampleBuilder, entries: list[tuple[Record, str]], report: Report, *,
+def plan_all(builder: SampleBuilder, entries: Sequence[tuple[Record, str]], report: Report, *,
              progress: Any = None) -> list[Planned | None]:
     """Plan every (record, root); dropped ones become None and are counted in `report` with their id.
     `progress` (a tqdm, the planning phase's display) counts the entries planned."""

@@ -85,7 +85,12 @@ def split_by_group(source: Source, n_or_fraction: int | float, seed: int) -> tup
     """(train, heldout, account): about `n_or_fraction` distinct held-out records (a count, or a share
     of the distinct records), drawn as whole groups in a seeded order; at least one group stays in
     training. The account names the groupings used, the groups drawn and the training records
-    dropped because their image content is also held out."""
+    dropped because their image content is also held out. An Arrow-backed source is split on its key
+    columns (`arrow.split_rows`, the same split without reading its records)."""
+    from adapt.data.arrow import Rows, split_rows
+
+    if isinstance(source.records, Rows):
+        return split_rows(source, n_or_fraction, seed)
     keys, given_up = _groups(source.records)
     members: dict[tuple[str, str], set[str]] = {}
     for record, key in zip(source.records, keys):
@@ -151,4 +156,8 @@ def take_fraction(source: Source, fraction: float, seed: int) -> Source:
     total = len(source.records)
     order = random.Random(f"adapt.fraction:{seed}:{source.name}").sample(range(total), total)
     keep = sorted(order[:max(1, round(fraction * total))])
-    return replace(source, records=[source.records[i] for i in keep])
+    from adapt.data.arrow import Rows
+
+    records = source.records
+    kept = records.view(records.positions[keep]) if isinstance(records, Rows) else [records[i] for i in keep]
+    return replace(source, records=kept)

@@ -233,10 +233,27 @@ class Encoder:
         With `generation=True` the last gpt turn (if any) is dropped and the assistant prefix is
         appended: the prompt the model completes at evaluation time, built by the same code.
         """
+        text, answers = self.render(record, tiles_per_image, generation=generation)
+        return self._assemble(record, tiles_per_image, *self._tokenize(text, answers))
+
+    def encode_many(self, items: list[tuple[Record, list[int]]]) -> list[Encoded]:
+        """`encode` of several (record, tiles_per_image) with one batched call of a fast tokenizer, which
+        gives each text the ids and offsets a call of its own gives (no padding, no truncation); a slow
+        tokenizer encodes them one by one."""
+        if not self.use_offsets:
+            return [self.encode(record, tiles) for record, tiles in items]
+        rendered = [self.render(record, tiles) for record, tiles in items]
+        if not rendered:
+            return []
+        batch = self.tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        return [self._assemble(record, tiles, whole, self._labels(whole, offsets, answers))
+                for (record, tiles), (_, answers), whole, offsets
+                in zip(items, rendered, batch["input_ids"], batch["offset_mapping"])]
+
+    def _assemble(self, record: Record, tiles_per_image: list[int], whole: list[int], labels: list[int]) -> Encoded:
+        """Ids and labels of the whole text with each image's context token expanded to its tiles."""
         from adapt.errors import AdaptError
 
-        text, answers = self.render(record, tiles_per_image, generation=generation)
-        whole, labels = self._tokenize(text, answers)
         if whole.count(self.img_context) != len(tiles_per_image):
             raise AdaptError(f"record {record.get('id')}: {whole.count(self.img_context)} image placeholders "
                              f"for {len(tiles_per_image)} images")
@@ -262,15 +279,18 @@ class Encoder:
         if self.use_offsets:
             encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             whole = encoding["input_ids"]
-            labels = [token if any(start < end <= stop for start, stop in answers) else IGNORE_INDEX
-                      for token, (_, end) in zip(whole, encoding["offset_mapping"])]
-            return whole, labels
+            return whole, self._labels(whole, encoding["offset_mapping"], answers)
         whole = self.ids(text)
         labels = [IGNORE_INDEX] * len(whole)
         for start, stop in answers:
             first, last = self._common_start(text[:start], whole), self._common_start(text[:stop], whole)
             labels[first:last] = whole[first:last]
         return whole, labels
+
+    @staticmethod
+    def _labels(whole: list[int], offsets: list[tuple[int, int]], answers: list[tuple[int, int]]) -> list[int]:
+        return [token if any(start < end <= stop for start, stop in answers) else IGNORE_INDEX
+                for token, (_, end) in zip(whole, offsets)]
 
     def _common_start(self, prefix: str, whole: list[int]) -> int:
         """How many leading tokens of `whole` the tokenization of `prefix` shares."""

@@ -29,6 +29,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
@@ -43,7 +44,8 @@ from adapt.checkpoints.models import Loaded, count_parameters
 from adapt.checkpoints.pickles import pickles_refused
 from adapt.config import available_cores
 from adapt.data.batching import Collator, pack_bins
-from adapt.data.records import Record, images_of
+from adapt.data.mixing import Plans
+from adapt.data.records import Record
 from adapt.data.samples import SampleBuilder, SampleDropped, plan_all
 from adapt.data.templates import IGNORE_INDEX, Encoder
 from adapt.data.tiling import TilingPolicy, normalize
@@ -330,15 +332,19 @@ class MixtureDataset(Dataset):
     the epoch seeds augmentation, so a resumed run sees the same pixels; padding items (only to
     even out the last step across ranks) carry no supervised token."""
 
-    def __init__(self, entries: Sequence[tuple[Record, str]], builder: SampleBuilder) -> None:
-        self.entries, self.builder = list(entries), builder
+    def __init__(self, entries: Sequence[tuple[Record, str]], builder: SampleBuilder,
+                 keep: np.ndarray | None = None) -> None:
+        # entries may be a lazy mixture view (records read from Arrow or mixture.jsonl on access): kept
+        # as given, with `keep` (the usable entries' positions) instead of a copied list
+        self.entries, self.builder = entries, builder
+        self.keep = np.arange(len(entries)) if keep is None else keep
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.keep)
 
     def __getitem__(self, item: tuple[int, int, bool]):
         index, epoch, padding = item
-        record, root = self.entries[index]
+        record, root = self.entries[int(self.keep[index])]
         try:
             sample = self.builder.build(record, root, index=index, epoch=epoch)
         except SampleDropped as err:
@@ -630,8 +636,10 @@ def make_builder(loaded: Loaded, config: TrainConfig, *, train: bool = True) -> 
 
 def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainConfig, output_dir: str | Path, *,
           resume: bool = False, logging_dir: str | Path | None = None, callbacks: Sequence[TrainerCallback] = (),
-          progress: bool = True) -> TrainResult:
-    """Fine-tune `loaded.model` on `entries` (record, root) with `config`; checkpoints go to output_dir."""
+          progress: bool = True, plans: Plans | None = None) -> TrainResult:
+    """Fine-tune `loaded.model` on `entries` (record, root) with `config`; checkpoints go to output_dir.
+    `plans` (one per entry, e.g. the prepared mixture's, planned with this config's builder) are used
+    as given; without them every entry is planned here."""
     config.validate()
     output_dir = Path(output_dir)
     if not resume and _checkpoints(output_dir):
@@ -640,15 +648,19 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
                          hint="resume that run (adapt run --resume RUN_DIR), or train into a new folder")
     builder = make_builder(loaded, config)
     dropped = Report(name="samples")
-    with console.phase("planning", total=len(entries), unit="sample", show=progress) as bar:
-        planned = plan_all(builder, list(entries), dropped, progress=bar)
-    kept = [(e, p) for e, p in zip(entries, planned) if p is not None]
-    if not kept:
+    if plans is None or len(plans.length) != len(entries):
+        with console.phase("planning", total=len(entries), unit="sample", show=progress) as bar:
+            plans = Plans.from_planned(plan_all(builder, entries, dropped, progress=bar))
+    else:
+        for i in sorted(plans.drops):  # as plan_all reports them
+            record = entries[i][0]
+            dropped.skip(f"dropped: {plans.drops[i]}", path=record.get("meta", {}).get("source"), row=i,
+                         id=str(record.get("id")))
+    keep = np.flatnonzero(plans.length >= 0)
+    if not len(keep):
         raise AdaptError("no usable training sample (every record was dropped)",
                          hint="see the dropped-sample report: " + "; ".join(str(s) for s in dropped.skips[:3]))
-    usable = [e for e, _ in kept]
-    lengths = [p.length for _, p in kept]
-    tiles = [p.tiles for _, p in kept]
+    lengths, tiles = plans.length[keep].tolist(), plans.tiles[keep].tolist()
     if config.pack and max(lengths) > config.pack_tokens:
         raise AdaptError(f"a sample of {max(lengths)} tokens exceeds pack_tokens {config.pack_tokens}",
                          hint="raise pack_tokens to at least max_length")
@@ -673,7 +685,7 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
         "use_cpu": not torch.cuda.is_available(), "disable_tqdm": not progress,
         "average_tokens_across_devices": True, "save_strategy": "steps", **precision,
         # a text-only row leaves the vision tower without gradients, which DDP must then not wait for
-        "ddp_find_unused_parameters": any(not images_of(r) and not r.get("video") for r, _ in usable),
+        "ddp_find_unused_parameters": any(t == 0 for t in tiles),  # no tile: no image or video
         **config.training_arguments,
     }
     try:
@@ -690,7 +702,7 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
                                 max_tokens=config.pack_tokens, max_tiles=config.pack_tiles, seed=config.seed,
                                 world_size=world_size, rank=rank)
 
-    trainer = AdaptTrainer(model=model, args=args, train_dataset=MixtureDataset(usable, builder),
+    trainer = AdaptTrainer(model=model, args=args, train_dataset=MixtureDataset(entries, builder, keep),
                            data_collator=collator, batch_sampler_factory=sampler_factory, on_nan=config.on_nan,
                            logits=config.logits,
                            callbacks=[CompletedCheckpoints(), *callbacks])
@@ -720,7 +732,7 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
     if shards_parameters(trainer):
         final_dir = output_dir / "final"
         trainer.save_model(str(final_dir))  # a collective: every rank gathers, the main process writes
-    return TrainResult(model=trainer.model, steps=trainer.state.global_step, samples=len(usable), dropped=dropped,
+    return TrainResult(model=trainer.model, steps=trainer.state.global_step, samples=len(keep), dropped=dropped,
                        log_history=list(trainer.state.log_history), trainable=trainable, final_dir=final_dir,
                        skipped_steps=trainer.skipped_steps)
 

@@ -1,0 +1,476 @@
+"""Records as Arrow tables (HF `datasets`, memory-mapped), read once and cached by fingerprint.
+
+A JSONL annotation (a formatted folder's records.jsonl, an InternVL meta entry's file, a bare JSONL)
+becomes a `datasets.Dataset` with one row per non-blank line:
+
+    record   the normalized record as a JSON string (records are heterogeneous: image str or list,
+             free-form meta), null for a bad row
+    line     the file line; problem: why the row is skipped (today's messages), null when valid
+    id, images                      typed columns the pipeline reads without parsing the record
+    g_scene ... g_image, g_sample   64-bit keys of the held-out groupings (adapt.data.splits)
+
+`datasets` caches the table under the run's shared data folder (`<shared>/arrow/`), keyed by the file's
+path, size and modification time: a second run reads nothing but the memory-mapped table. A source's
+records are then a `Rows` view (table + row positions), mixing works on (source, row) index arrays,
+and planning (`plan_rows`) measures only the rows a mixture uses, once, cached the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from adapt.data.records import Record, images_of, normalize, problems
+from adapt.errors import Report
+
+if TYPE_CHECKING:
+    import datasets
+
+    from adapt.data.samples import SampleBuilder
+
+ARROW_VERSION = 1  # bump when a column's meaning changes: old cached tables are then not reused
+GROUP_LEVELS = ("scene", "patient", "study", "video", "image")  # adapt.data.splits.GROUPINGS without "sample"
+SHARD_BYTES = 32 << 20  # a file is read in this many byte ranges, one process each (fixed: the cache key)
+
+
+def _key(grouping: str, value: str) -> int:
+    """A signed 64-bit key of (grouping, value); 0 means "no such group"."""
+    digest = hashlib.blake2b(f"{grouping}\0{value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True) or 1
+
+
+def group_keys(record: Record) -> dict[str, int]:
+    """Per grouping level, the key `splits.holdout_group` would give the record (0 when it has none)."""
+    from adapt.data.mixing import content_key
+
+    meta = record.get("meta") or {}
+    out = {f"g_{g}": _key(g, str(meta[f])) if meta.get(f) else 0
+           for g, f in (("scene", "scene_token"), ("patient", "patient_id"), ("study", "study_uid"))}
+    video = record.get("video") or meta.get("clip")
+    out["g_video"] = _key("video", str(video)) if video else 0
+    images = images_of(record)
+    out["g_image"] = _key("image", "\n".join(sorted(images))) if images else 0
+    out["g_sample"] = _key("sample", content_key(record))
+    return out
+
+
+def _features() -> datasets.Features:
+    from datasets import Features, Sequence, Value
+
+    columns = {"record": Value("string"), "line": Value("int64"), "problem": Value("string"), "id": Value("string"),
+               "images": Sequence(Value("string"))}
+    return Features({**columns, **{f"g_{g}": Value("int64") for g in (*GROUP_LEVELS, "sample")}})
+
+
+_EMPTY_KEYS = {f"g_{g}": 0 for g in (*GROUP_LEVELS, "sample")}
+
+
+def _resolver() -> Callable[[str | Path, str], Path]:
+    """`fileio.resolve_inside` remembered per (root, path) for one read: a pool names a few image files
+    in many rows, and resolving each (a realpath walk) was most of a row's cost."""
+    from adapt.errors import AdaptError
+    from adapt.fileio import resolve_inside
+
+    memo: dict[tuple[str, str], Path | AdaptError] = {}
+
+    def resolve(root: str | Path, rel: str) -> Path:
+        key = (str(root), rel)
+        if key not in memo:
+            try:
+                memo[key] = resolve_inside(root, rel)
+            except AdaptError as err:
+                memo[key] = err
+        found = memo[key]
+        if isinstance(found, AdaptError):
+            raise found
+        return found
+
+    return resolve
+
+
+def _row(raw: bytes, line: int, root: str, resolve: Callable[[str | Path, str], Path]) -> dict[str, Any]:
+    """One table row: the checks and messages of `records.read_jsonl` and `mixing._read_records`."""
+    bad = {"record": None, "line": line, "id": None, "images": [], **_EMPTY_KEYS}
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return {**bad, "problem": "line is not valid UTF-8"}
+    except json.JSONDecodeError as err:
+        return {**bad, "problem": f"malformed JSON: {err.msg} at column {err.colno}"}
+    found = problems(record, root=root, resolve=resolve)
+    if found:
+        return {**bad, "problem": "invalid record: " + "; ".join(found),
+                "id": str(record.get("id")) if isinstance(record, dict) else None}
+    record = normalize(record)
+    if not isinstance(record.setdefault("meta", {}), dict):
+        return {**bad, "problem": "'meta' is not a JSON object", "id": str(record.get("id"))}
+    return {"record": json.dumps(record, ensure_ascii=False), "line": line, "problem": None,
+            "id": str(record.get("id")), "images": images_of(record), **group_keys(record)}
+
+
+def _boundary(handle: Any, position: int) -> int:
+    """The first line start at or after `position`."""
+    if position == 0:
+        return 0
+    handle.seek(position - 1)
+    handle.readline()
+    return handle.tell()
+
+
+def _generate(shards: list[tuple[str, str, int, int, int, int, int]]) -> Iterator[dict[str, Any]]:
+    """Rows of each (file, root, shard, shards, size, mtime, version) byte range; size and mtime are
+    there for the cache key (a changed file is read again)."""
+    resolve = _resolver()
+    for path, root, index, count, size, _, _ in shards:
+        with open(path, "rb") as handle:
+            start, end = _boundary(handle, index * size // count), _boundary(handle, (index + 1) * size // count)
+            line, handle_pos = 1, 0
+            handle.seek(0)
+            while handle_pos < start:  # the line number where this range starts
+                chunk = handle.read(min(1 << 24, start - handle_pos))
+                line += chunk.count(b"\n")
+                handle_pos += len(chunk)
+            for raw in iter(handle.readline, b""):
+                if handle_pos >= end:
+                    break
+                handle_pos += len(raw)
+                if raw.strip():
+                    yield _row(raw, line, root, resolve)
+                line += 1
+
+
+def read_table(annotation: str | Path, root: str, report: Report, *, cache_dir: str | Path,
+               num_proc: int = 1) -> tuple[datasets.Dataset, np.ndarray]:
+    """(table, positions of its valid rows) of a JSONL file; bad rows go to `report` with file:line."""
+    import datasets
+
+    path = Path(annotation)
+    if not path.is_file():
+        from adapt.errors import AdaptError
+
+        raise AdaptError("annotation file not found", path=path, hint="check the path you passed")
+    stat = path.stat()
+    count = max(1, -(-stat.st_size // SHARD_BYTES))
+    shards = [(str(path.resolve()), str(root), i, count, stat.st_size, stat.st_mtime_ns, ARROW_VERSION)
+              for i in range(count)]
+    if not _has_rows(path):  # datasets refuses to build a table of no rows: an empty source is reported later
+        table = datasets.Dataset.from_dict({name: [] for name in _features()}, features=_features())
+        return table, np.zeros(0, dtype=np.int64)
+    with _quiet_datasets():
+        table = datasets.Dataset.from_generator(_generate, features=_features(), gen_kwargs={"shards": shards},
+                                                cache_dir=str(cache_dir), num_proc=min(num_proc, count))
+    report.read += len(table)
+    import pyarrow.compute as pc
+
+    bad = pc.is_valid(table.data.column("problem")).to_numpy(zero_copy_only=False)
+    if bad.any():
+        problem_rows = table.select_columns(["line", "problem", "id"]).select(np.flatnonzero(bad))
+        for line, problem, identifier in zip(problem_rows["line"], problem_rows["problem"], problem_rows["id"]):
+            report.skip(problem, path=path, row=line, id=identifier)
+    return table, np.flatnonzero(~bad)
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether the file has a non-blank line (read up to the first one)."""
+    with open(path, "rb") as handle:
+        return any(chunk.strip() for chunk in iter(lambda: handle.read(1 << 16), b""))
+
+
+class _quiet_datasets:
+    """datasets' own progress bars and 'Generating train split' lines: adapt shows one phase display."""
+
+    def __enter__(self) -> None:
+        import datasets
+
+        self.was = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+
+    def __exit__(self, *exc: Any) -> None:
+        import datasets
+
+        if self.was:
+            datasets.enable_progress_bars()
+
+
+class Rows(Sequence):
+    """A source's records, read lazily from an Arrow table: `positions` are table rows (a meta file's
+    `repeat_time` repeats positions, not records). `max_tiles` is the meta file's default for each
+    record's `meta.max_tiles`, `limit` a run's per-source cap (see `mixing.limit_tiles`)."""
+
+    def __init__(self, table: datasets.Dataset, positions: np.ndarray, *, max_tiles: int | None = None,
+                 limit: int | None = None) -> None:
+        self.table, self.positions = table, np.asarray(positions, dtype=np.int64)
+        self.max_tiles, self.limit = max_tiles, limit
+        self._records: tuple[list, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # dataloader workers re-map the table, never copy its column
+        return {**self.__dict__, "_records": None}
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def view(self, positions: np.ndarray) -> Rows:
+        """The same table and settings over other positions."""
+        return Rows(self.table, positions, max_tiles=self.max_tiles, limit=self.limit)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return self.view(self.positions[index])
+        if self._records is None:  # the column's chunks and where each starts: a row is found by bisection
+            chunks = self.table.data.column("record").chunks  # (pyarrow's own lookup walks every chunk)
+            self._records = (chunks, np.cumsum([0] + [len(c) for c in chunks]))
+        chunks, starts = self._records
+        position = int(self.positions[index])
+        chunk = int(np.searchsorted(starts, position, side="right")) - 1
+        return self.decode(chunks[chunk][position - int(starts[chunk])].as_py())
+
+    def decode(self, text: str) -> Record:
+        """A stored record with the source's tile settings applied (as `load_sources` does to lists)."""
+        record = json.loads(text)
+        meta = record["meta"]
+        if self.max_tiles is not None:
+            meta.setdefault("max_tiles", self.max_tiles)
+        if self.limit is not None:
+            meta["max_tiles"] = min(meta.get("max_tiles") or self.limit, self.limit)
+        return record
+
+    def column(self, name: str) -> np.ndarray:
+        """A typed column at this view's positions."""
+        return self.table.data.column(name).to_numpy()[self.positions]
+
+    def repeat(self, repeat_time: float, seed: int) -> Rows:
+        """`records.apply_repeat` on positions: the same picks as on a list of the records."""
+        whole, frac = int(repeat_time), repeat_time - int(repeat_time)
+        parts = [self.positions] * whole
+        if frac > 0:
+            parts.append(self.positions[random.Random(seed).sample(range(len(self)), round(len(self) * frac))])
+        return self.view(np.concatenate(parts) if parts else self.positions[:0])
+
+    def materialize(self) -> list[Record]:
+        """The records as Python dicts, a repeated position sharing one dict (as `apply_repeat` does)."""
+        seen: dict[int, Record] = {}
+        out = []
+        for i, position in enumerate(self.positions.tolist()):
+            if position not in seen:
+                seen[position] = self[i]
+            out.append(seen[position])
+        return out
+
+
+# -- held-out split on columns -------------------------------------------------------------------------
+
+def split_rows(source: Any, n_or_fraction: int | float, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """`splits.split_by_group` for a `Rows`-backed source, on the key columns: the same groups in the
+    same first-seen order, the same seeded draw and the same image-content check, without reading
+    the records (only the held-out ones are decoded)."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from adapt.data import splits
+
+    rows: Rows = source.records
+    levels = {g: rows.column(f"g_{g}") for g in GROUP_LEVELS}
+    sample = rows.column("g_sample")
+    given_up: list[str] = []
+    while True:
+        codes = np.full(len(rows), len(GROUP_LEVELS), dtype=np.int64)
+        keys = sample.copy()
+        for level in reversed(range(len(GROUP_LEVELS))):  # the first present level wins
+            name = GROUP_LEVELS[level]
+            if name in given_up:
+                continue
+            present = levels[name] != 0
+            codes[present], keys[present] = level, levels[name][present]
+        if len(rows) == 0 or codes[0] == len(GROUP_LEVELS) or (keys != keys[0]).any():
+            break
+        given_up.append(GROUP_LEVELS[codes[0]])
+    given_up.sort(key=splits.GROUPINGS.index)
+    groups, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order_seen = np.argsort(first, kind="stable")  # groups in first-seen order, as a dict keeps them
+    rank = np.empty_like(order_seen)
+    rank[order_seen] = np.arange(len(order_seen))
+    group_of = rank[inverse]  # each position's group number, in first-seen order
+    group_code = codes[first[order_seen]]
+    pairs = np.unique(np.stack([group_of, sample]), axis=1)  # distinct (group, content) pairs
+    members = np.bincount(pairs[0], minlength=len(groups))
+    target = splits._target(n_or_fraction, len(np.unique(sample)), source.name)
+    draw = random.Random(f"adapt.holdout:{seed}:{source.name}").sample(range(len(groups)), len(groups))
+    chosen = np.zeros(len(groups), dtype=bool)
+    held_count = 0
+    for index in draw[:-1]:  # the last group in the order always trains
+        if held_count >= target:
+            break
+        chosen[index] = True
+        held_count += int(members[index])
+    in_held = chosen[group_of]
+    held_positions = np.flatnonzero(in_held)
+    _, first_content = np.unique(sample[held_positions], return_index=True)
+    held_positions = held_positions[np.sort(first_content)]  # each content once, first seen
+    held = [rows[int(i)] for i in held_positions]
+    train_view = rows.view(rows.positions[~in_held])
+    train_view, leaked = _drop_shared_images(train_view, held, source.root)
+    names = ("scene", "patient", "study", "video", "image", "sample")
+    account = {"grouping": dict(Counter(names[c] for c in group_code.tolist())),
+               "heldout_groups": dict(Counter(names[c] for c in group_code[chosen].tolist())),
+               "heldout_records": len(held), "train_records_dropped_same_image": leaked,
+               "single_group_refined": given_up}
+    return replace(source, records=train_view), replace(source, records=held), account
+
+
+def _drop_shared_images(train: Rows, held: list[Record], root: str) -> tuple[Rows, int]:
+    """`splits._drop_shared_images` per distinct image path of the training rows, not per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from adapt.data.splits import _file_hash, _image_files
+
+    held_files = {path for record in held for path in _image_files(record, root)}
+    sizes = {path.stat().st_size for path in held_files if path.is_file()}
+    if not sizes or not len(train):
+        return train, 0
+    held_hashes = {_file_hash(path) for path in held_files if path.is_file()} - {None}
+    images = train.table.data.column("images").take(pa.array(train.positions))
+    flat, parents = pc.list_flatten(images), pc.list_parent_indices(images)
+    distinct = pc.unique(flat)
+    bad = []
+    for rel in distinct.to_pylist():
+        path = Path(root) / rel
+        if path.is_file() and path.stat().st_size in sizes and _file_hash(path) in held_hashes:
+            bad.append(rel)
+    if not bad:
+        return train, 0
+    hit = pc.is_in(flat, value_set=pa.array(bad, type=flat.type)).to_numpy(zero_copy_only=False)
+    drop = np.zeros(len(train), dtype=bool)
+    drop[parents.to_numpy(zero_copy_only=False)[hit]] = True
+    return train.view(train.positions[~drop]), int(drop.sum())
+
+
+# -- planning ---------------------------------------------------------------------------------------
+
+def builder_key(builder: SampleBuilder) -> str:
+    """Everything a plan depends on besides the record: tokenizer (its whole definition when fast),
+    template, tiling, length limit, system prompt."""
+    encoder, policy, tokenizer = builder.encoder, builder.policy, builder.encoder.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+             backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+             repr(encoder.template), encoder.tokens_per_tile, encoder.system, repr(policy), builder.max_length,
+             builder.train, builder.video_frames, sorted(builder.special_tokens)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def _plan_batch(texts: list[str], *, builder: SampleBuilder, root: str, view: Rows) -> dict[str, list[Any]]:
+    from adapt.data.samples import SampleDropped
+
+    out: dict[str, list[Any]] = {"length": [], "tiles": [], "supervised": [], "drop": []}
+    for planned in builder.plan_many([view.decode(text) for text in texts], root):
+        dropped = isinstance(planned, SampleDropped)
+        values = (-1, 0, 0, str(planned)) if dropped else (planned.length, planned.tiles, planned.supervised, None)
+        for name, value in zip(out, values):
+            out[name].append(value)
+    return out
+
+
+def plan_rows(builder: SampleBuilder, rows: Rows, root: str, positions: np.ndarray, *, cache_dir: str | Path,
+              num_proc: int = 1) -> dict[str, np.ndarray | list[str | None]]:
+    """`SampleBuilder.plan` of the table rows `positions` (sorted, distinct) as columns length, tiles,
+    supervised (length -1: dropped, with its reason in drop). Cached under cache_dir by the table,
+    the rows, the source's tile settings and `builder_key`: a second run with the same mixture and
+    settings plans nothing."""
+    from datasets import Features, Value
+
+    key = hashlib.sha256(json.dumps([rows.table._fingerprint, rows.max_tiles, rows.limit, root,
+                                     builder_key(builder), ARROW_VERSION]).encode())
+    key.update(np.ascontiguousarray(positions, dtype=np.int64).tobytes())
+    fingerprint = key.hexdigest()[:32]
+    cache = Path(cache_dir) / "plans"
+    cache.mkdir(parents=True, exist_ok=True)
+    features = Features({"length": Value("int64"), "tiles": Value("int64"), "supervised": Value("int64"),
+                         "drop": Value("string")})
+    subset = rows.table.select_columns(["record"]).select(positions)
+    num_proc = max(1, min(num_proc, len(positions) // 2000))  # a process pays from a few thousand rows
+    with _quiet_datasets():  # datasets finds the cache file itself ("Loading cached processed dataset")
+        planned = subset.map(_plan_batch, batched=True, batch_size=512, input_columns=["record"],
+                             fn_kwargs={"builder": builder, "root": root, "view": rows.view(positions[:0])},
+                             remove_columns=["record"], features=features, num_proc=num_proc if num_proc > 1 else None,
+                             new_fingerprint=fingerprint, cache_file_name=str(cache / f"plan-{fingerprint}.arrow"))
+    data = planned.data
+    return {name: data.column(name).to_numpy() for name in ("length", "tiles", "supervised")} | \
+        {"drop": data.column("drop").to_pylist()}
+
+
+class RowPlanner:
+    """Plans each (source, table row) a run needs exactly once: a `measure` for `mixing.mix` by tokens
+    (`by_row`), then the whole mixture's `Plans` (`plan_mixture`), batched and cached for Arrow-backed
+    sources, record by record for list-backed ones."""
+
+    def __init__(self, builder: SampleBuilder, cache_dir: str | Path, num_proc: int = 1) -> None:
+        self.builder, self.cache_dir, self.num_proc = builder, Path(cache_dir), num_proc
+        self.done: dict[tuple[str, int], tuple[int, int, int, str | None]] = {}  # (source, position) -> plan
+
+    def _position(self, source: Any, row: int) -> int:
+        return int(source.records.positions[row]) if isinstance(source.records, Rows) else row
+
+    def _plan_one(self, record: Record, root: str) -> tuple[int, int, int, str | None]:
+        from adapt.data.samples import SampleDropped
+
+        try:
+            planned = self.builder.plan(record, root)
+            return planned.length, planned.tiles, planned.supervised, None
+        except SampleDropped as err:
+            return -1, 0, 0, str(err)
+
+    def __call__(self, record: Record, root: str) -> int:
+        planned = self._plan_one(record, root)
+        return planned[2] if planned[0] >= 0 else 0
+
+    def by_row(self, source: Any, row: int) -> int:
+        """Supervised tokens of one row (0 when it would be dropped), as `mixing.supervised_tokens`."""
+        key = (source.name, self._position(source, row))
+        if key not in self.done:
+            self.done[key] = self._plan_one(source.records[row], source.root)
+        length, _, supervised, _ = self.done[key]
+        return supervised if length >= 0 else 0
+
+    def plan_source(self, source: Any, rows: np.ndarray) -> None:
+        """Plan these rows of one source (batched over processes and cached when Arrow-backed)."""
+        positions = np.unique(source.records.positions[rows] if isinstance(source.records, Rows) else rows)
+        todo = np.array([p for p in positions.tolist() if (source.name, p) not in self.done], dtype=np.int64)
+        if not len(todo):
+            return
+        if isinstance(source.records, Rows):
+            planned = plan_rows(self.builder, source.records, source.root, todo, cache_dir=self.cache_dir,
+                                num_proc=self.num_proc)
+            for i, position in enumerate(todo.tolist()):
+                self.done[(source.name, position)] = (int(planned["length"][i]), int(planned["tiles"][i]),
+                                                      int(planned["supervised"][i]), planned["drop"][i])
+        else:
+            for position in todo.tolist():
+                self.done[(source.name, position)] = self._plan_one(source.records[position], source.root)
+
+    def plan_mixture(self, entries: Any) -> Any:
+        """The `mixing.Plans` of a mixed mixture's `Entries`: only the rows it draws are planned (a
+        general pool of 1M rows mixed at 0.25 into 100k domain rows plans ~133k rows, not 1.1M)."""
+        from adapt.data.mixing import Plans
+
+        values = np.zeros((3, len(entries)), dtype=np.int64)
+        drops: dict[int, str] = {}
+        for index, source in enumerate(entries.sources):
+            mine = np.flatnonzero(entries.source_index == index)
+            if not len(mine):
+                continue
+            self.plan_source(source, entries.rows[mine])
+            rows = entries.rows[mine]
+            positions = source.records.positions[rows] if isinstance(source.records, Rows) else rows
+            for i, position in zip(mine.tolist(), positions.tolist()):
+                length, tiles, supervised, drop = self.done[(source.name, position)]
+                values[:, i] = (length, tiles, supervised)
+                if drop is not None:
+                    drops[i] = drop
+        return Plans(values[0], values[1], values[2], drops)
