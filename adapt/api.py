@@ -268,8 +268,8 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
                          general_ratio=config.general_ratio, mix_by=config.mix_by, seed=seed,
                          upsample=config.upsample or config.demo, measure=planner if config.mix_by == "tokens" else None)
     mixture.holdout = holdout
-    with console.phase("planning", unit="sample", show=False):
-        mixture.plans = planner.plan_mixture(mixture.entries)  # once: the manifest and train() reuse it
+    with console.phase("planning", total=len(mixture.entries), unit="sample") as bar:
+        mixture.plans = planner.plan_mixture(mixture.entries, progress=bar)  # once: the manifest and train() reuse it
     mixture.save(mixture_dir)
     if filtered is not None:
         filtering.record_in_manifest(mixture_dir / "manifest.json", filtered)

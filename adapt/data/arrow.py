@@ -454,9 +454,10 @@ class RowPlanner:
             for position in todo.tolist():
                 self.done[(source.name, position)] = self._plan_one(source.records[position], source.root)
 
-    def plan_mixture(self, entries: Any) -> Any:
+    def plan_mixture(self, entries: Any, progress: Any = None) -> Any:
         """The `mixing.Plans` of a mixed mixture's `Entries`: only the rows it draws are planned (a
-        general pool of 1M rows mixed at 0.25 into 100k domain rows plans ~133k rows, not 1.1M)."""
+        general pool of 1M rows mixed at 0.25 into 100k domain rows plans ~133k rows, not 1.1M).
+        `progress` (the planning phase's display) counts the entries, source by source."""
         from adapt.data.mixing import Plans
 
         values = np.zeros((3, len(entries)), dtype=np.int64)
@@ -473,4 +474,6 @@ class RowPlanner:
                 values[:, i] = (length, tiles, supervised)
                 if drop is not None:
                     drops[i] = drop
+            if progress is not None:
+                progress.update(len(mine))
         return Plans(values[0], values[1], values[2], drops)
