@@ -50,6 +50,13 @@ class Sample:
         return int((self.labels[1:] != IGNORE_INDEX).sum())
 
 
+def supervised_count(labels: list[int]) -> int:
+    """Labels that train a prediction (the first position predicts nothing), counted in C (list.count):
+    a sample with images has thousands of labels and planning counts them for every record."""
+    rest = labels[1:]
+    return len(rest) - rest.count(IGNORE_INDEX)
+
+
 class SampleDropped(Exception):
     """A record that cannot become a training sample (too long, no supervised token, bad image)."""
 
@@ -112,7 +119,7 @@ class SampleBuilder:
         except AdaptError as err:
             raise SampleDropped(err.message) from None
         encoded = self._fit(self.encoder.encode(record, tiles), record)
-        return Planned(len(encoded), sum(tiles), sum(1 for v in encoded.labels[1:] if v != IGNORE_INDEX))
+        return Planned(len(encoded), sum(tiles), supervised_count(encoded.labels))
 
     def plan_many(self, records: list[Record], root: str | Path) -> list[Planned | SampleDropped]:
         """`plan` of several records (a dropped one as its SampleDropped), the text of all of them
@@ -134,7 +141,7 @@ class SampleBuilder:
         for (i, record, tiles), one in zip(todo, encoded):
             try:
                 fitted = self._fit(one, record)
-                out[i] = Planned(len(fitted), sum(tiles), sum(1 for v in fitted.labels[1:] if v != IGNORE_INDEX))
+                out[i] = Planned(len(fitted), sum(tiles), supervised_count(fitted.labels))
             except SampleDropped as err:
                 out[i] = err
         return out  # type: ignore[return-value]
@@ -148,7 +155,7 @@ class SampleBuilder:
                 raise SampleDropped(f"{len(encoded)} tokens exceed max_length {limit} and the cut would fall inside "
                                     f"image {cut[0] + 1}'s tokens (raise --max-length or lower --max-tiles)")
             encoded = Encoded(encoded.input_ids[:limit], encoded.labels[:limit], encoded.image_spans)
-        if self.train and all(v == IGNORE_INDEX for v in encoded.labels[1:]):
+        if self.train and not supervised_count(encoded.labels):
             raise SampleDropped("no supervised token left" + (" after truncation" if len(encoded) == limit else ""))
         return encoded
 
