@@ -351,7 +351,8 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, *, xlabel: str, title
         loss_ax.axhline(min(general) * (1 + tolerance), color="grey", linewidth=0.8, linestyle=":",
                         label=f"general loss limit (+{tolerance:.0%})")
     score_ax.set(xlabel=xlabel, ylabel="domain score (after training)", title="Domain score")
-    loss_ax.set(xlabel=xlabel, ylabel="answer loss (after training)", title="Answer losses (held out)")
+    loss_ax.set(xlabel=xlabel, ylabel="answer loss (after training, log scale)", title="Answer losses (held out)",
+                yscale="log")  # a forgotten skill's loss is many times a kept one's
     for ax in (score_ax, loss_ax):
         if not numeric:
             ax.set_xticks(xs, [str(v) for v in labels])
