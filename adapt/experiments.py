@@ -245,6 +245,9 @@ class Choice:
     ties: list[Any]
     by: str
     summary: list[dict[str, Any]] = field(default_factory=list)
+    # points left out by the general-loss tolerance whose mean loss is within one combined std of the
+    # limit: with these seeds it is not established that they lose general skill
+    borderline: list[Any] = field(default_factory=list)
 
     @property
     def value(self) -> Any:
@@ -264,9 +267,16 @@ class Choice:
         if n < 2:
             return text + "; one seed: no spread measured, so no difference between points is established"
         if self.ties:
-            return (text + f"; NOT distinguishable from {', '.join(_fmt(t) for t in self.ties)} "
-                    "(mean domain scores within one combined std)")
-        return text + "; distinguishable from every other kept point (mean domain scores differ by more than one combined std)"
+            text += (f"; NOT distinguishable from {', '.join(_fmt(t) for t in self.ties)} "
+                     "(mean domain scores within one combined std)")
+        elif len(self.kept) > 1:
+            text += "; distinguishable from every other kept point (mean domain scores differ by more than one combined std)"
+        else:
+            text += "; the only point whose mean general answer loss is within the tolerance"
+        if self.borderline:
+            text += (f"; left out by the general-loss tolerance but within one combined std of its limit: "
+                     f"{', '.join(_fmt(b) for b in self.borderline)} (more seeds would tell)")
+        return text
 
 
 def best(rows: Sequence[dict[str, Any]], *, by: str = "value", tolerance: float = 0.1) -> Choice:
@@ -278,7 +288,8 @@ def best(rows: Sequence[dict[str, Any]], *, by: str = "value", tolerance: float 
     generations are all wrong. Among those points the best has the highest mean domain score; ties
     go to the lower mean domain answer loss, then to the smaller value (for a ratio: less general
     data), then to the earlier point. Kept points whose mean domain score differs from the best's by
-    at most sqrt(std_best² + std_other²) are reported as not distinguishable from it.
+    at most sqrt(std_best² + std_other²) are reported as not distinguishable from it; points left out
+    whose mean general loss is within one combined std of the limit are reported as borderline.
     """
     if not rows:
         raise AdaptError("choosing the best point needs at least one sweep row")
@@ -303,7 +314,14 @@ def best(rows: Sequence[dict[str, Any]], *, by: str = "value", tolerance: float 
             spread = math.hypot(top["domain_after_std"] or 0.0, s["domain_after_std"] or 0.0)
             if abs(top["domain_after"] - s["domain_after"]) <= spread:
                 ties.append(s[by])
-    return Choice(top, [s[by] for s in kept], ties, by, summary)
+    borderline = []
+    if limit is not None and top["n"] > 1:
+        lowest = min((s for s in summary if s["general_loss_after"] is not None), key=lambda s: s["general_loss_after"])
+        for s in summary:
+            if s not in kept and s["general_loss_after"] - limit <= math.hypot(
+                    s["general_loss_after_std"] or 0.0, (1 + tolerance) * (lowest["general_loss_after_std"] or 0.0)):
+                borderline.append(s[by])
+    return Choice(top, [s[by] for s in kept], ties, by, summary, borderline)
 
 
 def _fmt(value: Any) -> str:
@@ -351,7 +369,8 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, *, xlabel: str, title
         loss_ax.axhline(min(general) * (1 + tolerance), color="grey", linewidth=0.8, linestyle=":",
                         label=f"general loss limit (+{tolerance:.0%})")
     score_ax.set(xlabel=xlabel, ylabel="domain score (after training)", title="Domain score")
-    loss_ax.set(xlabel=xlabel, ylabel="answer loss (after training)", title="Answer losses (held out)")
+    loss_ax.set(xlabel=xlabel, ylabel="answer loss (after training, log scale)", title="Answer losses (held out)",
+                yscale="log")  # a forgotten skill's loss is many times a kept one's
     for ax in (score_ax, loss_ax):
         if not numeric:
             ax.set_xticks(xs, [str(v) for v in labels])

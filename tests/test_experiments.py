@@ -85,6 +85,14 @@ def test_best_uses_means_over_seeds_and_says_when_the_best_is_not_distinguishabl
     clear = experiments.best(apart, by="general_ratio", tolerance=0.1)
     assert clear.value == 0.25 and clear.distinguishable and "distinguishable from every other" in clear.message
 
+    assert clear.borderline == []  # 0.0 forgets for certain: 3.1 +- 0.14 is far above the 2.2 limit
+    close = [row(0.0, 0, 0.95, 2.0), row(0.0, 1, 0.97, 2.6),   # mean 2.3 +- 0.42: over the 2.2 limit, within one std
+             row(0.5, 0, 0.60, 2.0), row(0.5, 1, 0.62, 2.0)]
+    unsure = experiments.best(close, by="general_ratio", tolerance=0.1)
+    assert unsure.value == 0.5 and unsure.kept == [0.5] and unsure.borderline == [0.0]
+    assert "the only point whose mean general answer loss is within the tolerance" in unsure.message
+    assert "within one combined std of its limit: 0 (more seeds would tell)" in unsure.message
+
     one_seed = experiments.best([r for r in rows if r["seed"] == 0], by="general_ratio", tolerance=0.1)
     assert one_seed.value == 0.25 and "one seed: no spread measured" in one_seed.message
 
