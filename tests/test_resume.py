@@ -281,3 +281,15 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(entries, tmp_path):
     assert last_complete_checkpoint(out) == out / "checkpoint-1"
     with pytest.raises(AdaptError, match="already holds checkpoints of an earlier run"):
         training.train(load("tiny", seed=0), entries, fast_config(max_steps=1), out, progress=False)
+
+
+def test_resuming_a_finished_run_loads_it_without_another_step(entries, tmp_path):
+    """The Trainer's own resume skips to the saved step and then trains one more before it checks
+    max_steps (a sweep resumed after its evaluation was killed trained 3 steps of 2): a finished
+    run is loaded as it ended."""
+    config = fast_config(max_steps=2, save_steps=2)
+    first = training.train(load("tiny", seed=0), entries, config, tmp_path / "out", progress=False)
+    again = training.train(load("tiny", seed=0), entries, config, tmp_path / "out", resume=True, progress=False)
+    assert (first.steps, again.steps) == (2, 2)
+    assert not changed(snapshot(first.model), snapshot(again.model))
+    assert changed(snapshot(load("tiny", seed=0).model), snapshot(again.model))  # the trained weights, not the base

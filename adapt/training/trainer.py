@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, TrainerState
 
 from adapt import console
 from adapt.checkpoints.models import Loaded, count_parameters
@@ -723,7 +724,13 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
         torch.set_num_threads(max(1, min(threads, cpus - resolve_workers(config.dataloader_num_workers))))
     try:
         with pickles_refused(checkpoint):  # a tampered optimizer.pt / rng_state.pth: adapt's message, never torch's advice
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if checkpoint is not None and finished(checkpoint) and not shards_parameters(trainer):
+                # the Trainer's resume would skip to the saved step, then run one more step before it
+                # checks max_steps: a finished run is loaded, not trained again
+                trainer._load_from_checkpoint(str(checkpoint))
+                trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+            else:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         torch.set_num_threads(threads)
         if attn != loaded_attn:  # a training choice: torch_varlen cannot decode
@@ -735,6 +742,13 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
     return TrainResult(model=trainer.model, steps=trainer.state.global_step, samples=len(keep), dropped=dropped,
                        log_history=list(trainer.state.log_history), trainable=trainable, final_dir=final_dir,
                        skipped_steps=trainer.skipped_steps)
+
+
+def finished(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved at the end of its run (its step is the run's last)."""
+    path = checkpoint / TRAINER_STATE_NAME
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
 
 
 def shards_parameters(trainer: Trainer) -> bool:
