@@ -523,14 +523,19 @@ class TargetJob:
     root: Path
 
 
+def target_plan(source: Path, report: Report, opts: Any, *, group: bool) -> Plan:
+    """The plan of a grounding or region source: its candidates as units (a candidate is at most one
+    image decode, shared by the image's other candidates) and the job every worker needs."""
+    return Plan(plan_targets(source, report, opts, group=group),
+                TargetJob(opts, opts.source_name or default_name(source), reader_root(source, opts)),
+                min_per_process=200)
+
+
 def plan(source: Path, out: Path, report: Report, **options: Any) -> Plan:
     opts = parse_options(GroundingOptions, options, "grounding")
     if "{expression}" not in opts.question:
         raise AdaptError("option question must contain the placeholder {expression}")
-    units = plan_targets(source, report, opts, group=True)
-    # a candidate is at most one image decode (shared by the image's other candidates)
-    return Plan(units, TargetJob(opts, opts.source_name or default_name(source), reader_root(source, opts)),
-                min_per_process=200)
+    return target_plan(source, report, opts, group=True)
 
 
 def work(job: TargetJob, units: Sequence[TargetUnit], out: Path, report: Report) -> Iterator[rec.Record]:

@@ -26,9 +26,8 @@ from formatters.grounding import (
     TargetJob,
     TargetUnit,
     check_targets,
-    default_name,
-    plan_targets,
     reader_root,
+    target_plan,
 )
 
 REGION_QUESTION = "What object is in this location <box>{box}</box>?"
@@ -46,9 +45,7 @@ def plan(source: Path, out: Path, report: Report, **options: Any) -> Plan:
     choose("region", "answer_field", opts.answer_field, ("auto", "name", "expression"))
     if "{box}" not in opts.question:
         raise AdaptError("option question must contain the placeholder {box}")
-    units = plan_targets(source, report, opts, group=False)
-    return Plan(units, TargetJob(opts, opts.source_name or default_name(source), reader_root(source, opts)),
-                min_per_process=200)
+    return target_plan(source, report, opts, group=False)
 
 
 def work(job: TargetJob, units: Sequence[TargetUnit], out: Path, report: Report) -> Iterator[rec.Record]:

@@ -190,7 +190,6 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-
 @pydantic_dataclass
 class PostTrainOptions:
     """What a post-training stage (`adapt dpo`, `adapt grpo`) shares: full or LoRA, the optimisation
@@ -213,6 +212,7 @@ class PostTrainOptions:
             raise AdaptError(f"post-training mode {self.mode!r} is not full or lora")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise AdaptError(f"unknown precision {self.precision!r}", hint="use auto, bf16, fp16 or fp32")
+
 
 def training_argument_fields() -> dict[str, Any]:
     """TrainingArguments' field names and types (what a passed-through option is checked against)."""
