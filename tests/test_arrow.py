@@ -240,3 +240,30 @@ def test_plan_many_equals_plan(tiny_tokenizer, rows, max_length):
             expected.append(str(err))
     got = [str(p) if isinstance(p, SampleDropped) else p for p in builder.plan_many(records, "/")]
     assert got == expected
+
+
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "internvl_chat"
+
+
+def test_real_internvl_meta_reads_the_same_through_arrow(tmp_path, monkeypatch):
+    """InternVL's own meta file and annotation excerpt (../shared/realdata, laid out as InternVL runs it:
+    paths relative to the working directory) give the same records, roots and skips from Arrow as in memory."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"{REALDATA} is absent")
+    meta = json.loads((REALDATA / "coco_caption.json").read_text())
+    spec = next(iter(meta.values()))
+    annotation = tmp_path / spec["annotation"]
+    annotation.parent.mkdir(parents=True)
+    annotation.write_bytes((REALDATA / "coco_karpathy_train_567k.jsonl").read_bytes())
+    (tmp_path / "coco_caption.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+
+    def read(cache: Path | None) -> tuple[list, list]:
+        report = Report()
+        sources = load_sources("coco_caption.json", kind="general", report=report, arrow_cache=cache)
+        return ([(s.name, s.root, s.max_tiles, [dict(r) for r in s.records]) for s in sources],
+                [str(skip) for skip in report.skips])
+
+    plain, cached = read(None), read(tmp_path / "arrow")
+    assert cached == plain
+    assert len(plain[0][0][3]) == sum(1 for line in annotation.read_text().splitlines() if line.strip())
