@@ -134,3 +134,37 @@ def resolve_inside(root: str | Path, relative: str | Path) -> Path:
         raise AdaptError(f"path {str(relative)!r} escapes the data root {root_resolved}",
                          hint="keep images inside the dataset root (no '..', no symlinks pointing out)")
     return target
+
+
+class PathMemo:
+    """`resolve_inside` and the file checks of one pass over a dataset, each done once per distinct
+    path: a pool names a few thousand image files in a million rows, and resolving each row's paths
+    (a realpath walk, then a stat) was most of a row's cost (measured: 70% of the general formatter's
+    CPU on a 64-image pool). A failed resolution is remembered too and raised again for every row."""
+
+    def __init__(self) -> None:
+        self._resolved: dict[tuple[str, str], Path | AdaptError] = {}
+        self._kinds: dict[Path, tuple[bool, bool]] = {}
+
+    def resolve(self, root: str | Path, relative: str) -> Path:
+        key = (str(root), relative)
+        if key not in self._resolved:
+            try:
+                self._resolved[key] = resolve_inside(root, relative)
+            except AdaptError as err:
+                self._resolved[key] = err
+        found = self._resolved[key]
+        if isinstance(found, AdaptError):
+            raise found
+        return found
+
+    def _kind(self, path: Path) -> tuple[bool, bool]:
+        if path not in self._kinds:
+            self._kinds[path] = (path.exists(), path.is_file())
+        return self._kinds[path]
+
+    def exists(self, path: Path) -> bool:
+        return self._kind(path)[0]
+
+    def is_file(self, path: Path) -> bool:
+        return self._kind(path)[1]

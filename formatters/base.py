@@ -34,7 +34,7 @@ from adapt.data import records as rec
 from adapt.data.images import NOTES_KEY, decode_rgb, image_size
 from adapt.data.text import source_problem
 from adapt.errors import AdaptError, Report, validation_problems
-from adapt.fileio import atomic_dir, resolve_inside
+from adapt.fileio import PathMemo, atomic_dir
 
 Generator = Callable[..., Iterator[rec.Record]]
 Work = Callable[[Any, Sequence[Any], Path, Report], Iterator[rec.Record]]
@@ -139,8 +139,9 @@ def _valid(records: Iterable[rec.Record], report: Report, root: Path, source: Pa
            count: Callable[[int], Any]) -> Iterator[rec.Record]:
     """The records that pass the same rule `adapt run` applies when it reads them back (the others
     are located skips); `count(1)` per record passed on, for the progress bar."""
+    paths = PathMemo()
     for record in records:
-        found = rec.problems(record, root=root, check_files=True)
+        found = rec.problems(record, root=root, check_files=True, paths=paths)
         if found:
             meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
             report.skip("invalid record: " + "; ".join(found), path=meta.get("annotation", source),
@@ -457,6 +458,7 @@ class ImageChecker:
     def __init__(self, root: Path, report: Report, decode: bool = True) -> None:
         self.root, self.report, self.decode = Path(root), report, decode
         self._cache: dict[Path, tuple[tuple[int, int] | None, str]] = {}
+        self._paths = PathMemo()
 
     def size(self, rel: str, *, path: str | Path | None, row: int | None, id: str | None,
              first: bool = True) -> tuple[int, int] | None:
@@ -464,7 +466,7 @@ class ImageChecker:
         `first` is False for a row of a parallel shard whose image an earlier row of the source used:
         its normalisation is counted once, as one process counts it."""
         try:
-            target = resolve_inside(self.root, rel)
+            target = self._paths.resolve(self.root, rel)
         except AdaptError as err:
             self.report.skip(err.message, path=path, row=row, id=id)
             return None

@@ -36,6 +36,7 @@ from typing import Any
 from adapt.data import boxes as bx
 from adapt.data import records as rec
 from adapt.errors import AdaptError, Report
+from adapt.fileio import PathMemo
 from formatters.base import Formatter, ImageChecker, choose, iter_json_rows, parse_options
 
 
@@ -106,9 +107,10 @@ def _rows(part: _Part, report: Report) -> Iterator[tuple[int, rec.Record]]:
     if part.annotation.suffix.lower() == ".jsonl":
         yield from rec.read_jsonl(part.annotation, report, root=part.root, check_files=True)
         return
+    paths = PathMemo()
     for row, item in iter_json_rows(part.annotation, report):
         report.read += 1
-        found = rec.problems(item, root=part.root, check_files=True)
+        found = rec.problems(item, root=part.root, check_files=True, paths=paths)
         if found:
             report.skip("invalid record: " + "; ".join(found), path=part.annotation, row=row,
                         id=str(item.get("id")) if isinstance(item, dict) else None)

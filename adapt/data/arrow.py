@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from adapt.data.records import Record, images_of, normalize, problems
 from adapt.errors import Report
+from adapt.fileio import PathMemo
 
 if TYPE_CHECKING:
     import datasets
@@ -71,30 +72,7 @@ def _features() -> datasets.Features:
 _EMPTY_KEYS = {f"g_{g}": 0 for g in (*GROUP_LEVELS, "sample")}
 
 
-def _resolver() -> Callable[[str | Path, str], Path]:
-    """`fileio.resolve_inside` remembered per (root, path) for one read: a pool names a few image files
-    in many rows, and resolving each (a realpath walk) was most of a row's cost."""
-    from adapt.errors import AdaptError
-    from adapt.fileio import resolve_inside
-
-    memo: dict[tuple[str, str], Path | AdaptError] = {}
-
-    def resolve(root: str | Path, rel: str) -> Path:
-        key = (str(root), rel)
-        if key not in memo:
-            try:
-                memo[key] = resolve_inside(root, rel)
-            except AdaptError as err:
-                memo[key] = err
-        found = memo[key]
-        if isinstance(found, AdaptError):
-            raise found
-        return found
-
-    return resolve
-
-
-def _row(raw: bytes, line: int, root: str, resolve: Callable[[str | Path, str], Path]) -> dict[str, Any]:
+def _row(raw: bytes, line: int, root: str, paths: PathMemo) -> dict[str, Any]:
     """One table row: the checks and messages of `records.read_jsonl` and `mixing._read_records`."""
     bad = {"record": None, "line": line, "id": None, "images": [], **_EMPTY_KEYS}
     try:
@@ -103,7 +81,7 @@ def _row(raw: bytes, line: int, root: str, resolve: Callable[[str | Path, str], 
         return {**bad, "problem": "line is not valid UTF-8"}
     except json.JSONDecodeError as err:
         return {**bad, "problem": f"malformed JSON: {err.msg} at column {err.colno}"}
-    found = problems(record, root=root, resolve=resolve)
+    found = problems(record, root=root, paths=paths)
     if found:
         return {**bad, "problem": "invalid record: " + "; ".join(found),
                 "id": str(record.get("id")) if isinstance(record, dict) else None}
@@ -126,7 +104,7 @@ def _boundary(handle: Any, position: int) -> int:
 def _generate(shards: list[tuple[str, str, int, int, int, int, int]]) -> Iterator[dict[str, Any]]:
     """Rows of each (file, root, shard, shards, size, mtime, version) byte range; size and mtime are
     there for the cache key (a changed file is read again)."""
-    resolve = _resolver()
+    paths = PathMemo()
     for path, root, index, count, size, _, _ in shards:
         with open(path, "rb") as handle:
             start, end = _boundary(handle, index * size // count), _boundary(handle, (index + 1) * size // count)
@@ -141,7 +119,7 @@ def _generate(shards: list[tuple[str, str, int, int, int, int, int]]) -> Iterato
                     break
                 handle_pos += len(raw)
                 if raw.strip():
-                    yield _row(raw, line, root, resolve)
+                    yield _row(raw, line, root, paths)
                 line += 1
 
 

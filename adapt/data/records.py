@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from adapt.errors import AdaptError, Report, validation_problems
-from adapt.fileio import atomic_write, resolve_inside
+from adapt.fileio import PathMemo, atomic_write
 
 Record = dict[str, Any]
 
@@ -78,13 +78,13 @@ def normalize(record: Record) -> Record:
 
 
 def problems(record: Any, *, root: str | Path | None = None, check_files: bool = False,
-             require_answer: bool = True, resolve: Callable[[str | Path, str], Path] = resolve_inside) -> list[str]:
+             require_answer: bool = True, paths: PathMemo | None = None) -> list[str]:
     """Everything wrong with a record, as short sentences (empty list = valid).
 
     Checks: shape, roles (optional leading system turn, then human/gpt alternating, starting with
     human and ending with gpt), no empty answer, `<image>` count == image count, `<video>` at most
     once and only with a video, markup (`adapt.data.text`), paths inside `root` (and existing when
-    `check_files`). `resolve` is `fileio.resolve_inside`, or a memo of it when many rows share files.
+    `check_files`). `paths` remembers resolutions and file checks over many rows (one per call if None).
     """
     if not isinstance(record, dict):
         return ["row is not a JSON object"]
@@ -129,15 +129,16 @@ def problems(record: Any, *, root: str | Path | None = None, check_files: bool =
 
     out += record_problems(record)
     if root is not None:
+        paths = paths or PathMemo()
         video = [record["video"]] if record.get("video") else []
         for rel in images + video:
             try:
-                path = resolve(root, rel)
+                path = paths.resolve(root, rel)
             except AdaptError as err:
                 out.append(err.message)
                 continue
             # a video may be a file or, as InternVL also accepts, a folder of frames
-            exists = path.exists() if rel in video else path.is_file()
+            exists = paths.exists(path) if rel in video else paths.is_file(path)
             if check_files and not exists:
                 out.append(f"file not found: {rel}")
     return out
@@ -152,12 +153,15 @@ def validate(record: Any, **kwargs: Any) -> Record:
 
 
 def read_jsonl(path: str | Path, report: Report | None = None, *, root: str | Path | None = None,
-               check_files: bool = False, require_answer: bool = True) -> Iterator[tuple[int, Record]]:
+               check_files: bool = False, require_answer: bool = True, paths: PathMemo | None = None,
+               ) -> Iterator[tuple[int, Record]]:
     """Stream (line_number, record) from a JSONL file, skipping and counting bad lines.
 
     Lines that are not UTF-8, not JSON, or not a valid record go to `report` with their file:line
-    (or raise under a strict report). Blank lines are ignored.
+    (or raise under a strict report). Blank lines are ignored. Paths are resolved once per file read
+    (`paths`, or a memo of this read).
     """
+    paths = paths or PathMemo()
     path = Path(path)
     report = report if report is not None else Report(name=str(path))
     if not path.is_file():
@@ -175,7 +179,7 @@ def read_jsonl(path: str | Path, report: Report | None = None, *, root: str | Pa
             except json.JSONDecodeError as err:
                 report.skip(f"malformed JSON: {err.msg} at column {err.colno}", path=path, row=line_no)
                 continue
-            found = problems(record, root=root, check_files=check_files, require_answer=require_answer)
+            found = problems(record, root=root, check_files=check_files, require_answer=require_answer, paths=paths)
             if found:
                 report.skip("invalid record: " + "; ".join(found), path=path, row=line_no,
                             id=str(record.get("id")) if isinstance(record, dict) else None)
