@@ -9,7 +9,10 @@ passed through); data sources and evaluation settings by `domains.recipe.SourceE
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from multiprocessing import forkserver
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -94,6 +97,18 @@ def available_cores() -> int:
 def resolve_num_proc(num_proc: int | None) -> int:
     """Processes for formatting and data preparation: `num_proc`, else every available core."""
     return num_proc if num_proc is not None else available_cores()
+
+
+def process_context(preload: list[str]) -> BaseContext:
+    """Where the OS has it, forkserver: one server process imports the `preload` modules (and torch)
+    once, started now so that it does so while the caller keeps working, and forks every worker from
+    it; else spawn. Never plain fork: the parent may have torch and its threads loaded."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(preload)  # no effect once the server runs
+    forkserver.ensure_running()
+    return context
 
 
 def config_error(err: ValidationError, value: Any, path: Path | None = None) -> AdaptError:

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import copy
 import json
-import multiprocessing
 import time
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, fields
-from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +27,7 @@ from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
 
-from adapt.config import available_cores, resolve_num_proc
+from adapt.config import available_cores, process_context, resolve_num_proc
 from adapt.data import records as rec
 from adapt.data.images import NOTES_KEY, decode_rgb, image_size
 from adapt.data.text import source_problem
@@ -114,7 +112,7 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
             if formatter.plan is not None and formatter.work is not None:
                 processes = resolve_num_proc(num_proc)
                 # workers start from a server that imports the formatter while this process plans
-                context = _worker_context(formatter.work) if processes > 1 else None
+                context = process_context([__name__, formatter.work.__module__]) if processes > 1 else None
                 made = formatter.plan(source, tmp, report, **options)
                 records = _sharded_records(formatter.work, made, source, tmp, report, check_root, bar,
                                            processes, context)
@@ -208,18 +206,6 @@ def _slices(n_units: int, n_shards: int) -> list[range]:
     """`n_shards` contiguous ranges covering 0..n_units, sizes differing by one at most."""
     bounds = [n_units * i // n_shards for i in range(n_shards + 1)]
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-def _worker_context(work: Work) -> BaseContext:
-    """Where the OS has it, forkserver: one server process imports the formatter (and torch) once,
-    started now so that it does so while the parent plans, and forks every worker from it; else
-    spawn. Never plain fork: the parent may have torch and its threads loaded."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, work.__module__])  # no effect once the server runs
-    forkserver.ensure_running()
-    return context
 
 
 def _sharded_records(work: Work, plan: Plan, source: Path, tmp: Path, report: Report, root: Path, bar: tqdm,

@@ -9,8 +9,9 @@ becomes a `datasets.Dataset` with one row per non-blank line:
     id, images                      typed columns the pipeline reads without parsing the record
     g_scene ... g_image, g_sample   64-bit keys of the held-out groupings (adapt.data.splits)
 
-`datasets` caches the table under the run's shared data folder (`<shared>/arrow/`), keyed by the file's
-path, size and modification time: a second run reads nothing but the memory-mapped table. A source's
+The table is cached under the run's shared data folder (`<shared>/arrow/`, one folder of Arrow
+stream files per JSONL, keyed by the file's path, size and modification time) and opened memory-mapped
+as a `datasets.Dataset`: a second run reads nothing but the mapped table. A source's
 records are then a `Rows` view (table + row positions), mixing works on (source, row) index arrays,
 and planning (`plan_rows`) measures only the rows a mixture uses, once, cached the same way.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,40 +93,81 @@ def _row(raw: bytes, line: int, root: str, paths: PathMemo) -> dict[str, Any]:
             "id": str(record.get("id")), "images": images_of(record), **group_keys(record)}
 
 
-def _boundary(handle: Any, position: int) -> int:
-    """The first line start at or after `position`."""
-    if position == 0:
-        return 0
-    handle.seek(position - 1)
-    handle.readline()
-    return handle.tell()
+def _shards(path: Path) -> list[tuple[int, int, int]]:
+    """(start byte, end byte, first line number) of each `SHARD_BYTES` range of the file, cut at line
+    starts, found in one pass (a range's first line number needs the newlines before it)."""
+    size = path.stat().st_size
+    cuts = [0]
+    with open(path, "rb") as handle:
+        for target in range(SHARD_BYTES, size, SHARD_BYTES):
+            handle.seek(target - 1)
+            handle.readline()
+            if handle.tell() > cuts[-1] and handle.tell() < size:
+                cuts.append(handle.tell())
+        cuts.append(size)
+        lines, position = [1], 0
+        for end in cuts[1:-1]:
+            handle.seek(position)
+            lines.append(lines[-1] + handle.read(end - position).count(b"\n"))
+            position = end
+    return [(start, end, line) for start, end, line in zip(cuts, cuts[1:], lines)]
 
 
-def _generate(shards: list[tuple[str, str, int, int, int, int, int]]) -> Iterator[dict[str, Any]]:
-    """Rows of each (file, root, shard, shards, size, mtime, version) byte range; size and mtime are
-    there for the cache key (a changed file is read again)."""
+def _write_shard(path: str, root: str, start: int, end: int, line: int, out: str) -> None:
+    """Worker: the rows of one byte range into an Arrow stream file, in batches of 8192 rows."""
+    import pyarrow as pa
+
+    schema = _features().arrow_schema
     paths = PathMemo()
-    for path, root, index, count, size, _, _ in shards:
-        with open(path, "rb") as handle:
-            start, end = _boundary(handle, index * size // count), _boundary(handle, (index + 1) * size // count)
-            line, handle_pos = 1, 0
-            handle.seek(0)
-            while handle_pos < start:  # the line number where this range starts
-                chunk = handle.read(min(1 << 24, start - handle_pos))
-                line += chunk.count(b"\n")
-                handle_pos += len(chunk)
-            for raw in iter(handle.readline, b""):
-                if handle_pos >= end:
-                    break
-                handle_pos += len(raw)
-                if raw.strip():
-                    yield _row(raw, line, root, paths)
-                line += 1
+    batch: list[dict[str, Any]] = []
+    with open(path, "rb") as handle, pa.OSFile(out, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        handle.seek(start)
+        position = start
+        for raw in iter(handle.readline, b""):
+            if position >= end:
+                break
+            position += len(raw)
+            if raw.strip():
+                batch.append(_row(raw, line, root, paths))
+                if len(batch) == 8192:
+                    writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+                    batch = []
+            line += 1
+        if batch:
+            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+
+
+def _build(path: Path, root: str, folder: Path, num_proc: int) -> None:
+    """The file's table as one Arrow stream file per byte range (written here or by `num_proc`
+    worker processes), the folder renamed into place when all are written."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from adapt.fileio import atomic_dir
+
+    shards = _shards(path)
+    processes = max(1, min(num_proc, len(shards)))
+    with atomic_dir(folder, overwrite=True) as tmp:
+        jobs = [(str(path), root, start, end, line, str(tmp / f"shard-{i:05d}.arrow"))
+                for i, (start, end, line) in enumerate(shards)]
+        if processes == 1:
+            for job in jobs:
+                _write_shard(*job)
+        else:
+            from adapt.config import process_context
+
+            with ProcessPoolExecutor(processes, mp_context=process_context([__name__])) as pool:
+                for future in [pool.submit(_write_shard, *job) for job in jobs]:
+                    future.result()
 
 
 def read_table(annotation: str | Path, root: str, report: Report, *, cache_dir: str | Path,
                num_proc: int = 1) -> tuple[datasets.Dataset, np.ndarray]:
-    """(table, positions of its valid rows) of a JSONL file; bad rows go to `report` with file:line."""
+    """(table, positions of its valid rows) of a JSONL file; bad rows go to `report` with file:line.
+
+    The table is written with pyarrow (record batches, one stream file per byte range) and opened
+    memory-mapped with `datasets.Dataset.from_file`, not built by `Dataset.from_generator`: the
+    latter's per-row feature encoding cost 55 us a row, twice the row's own parsing and checks
+    (measured on 50k pool rows: 2.8 s vs 0.13 s of CPU to store them)."""
     import datasets
 
     path = Path(annotation)
@@ -134,15 +176,14 @@ def read_table(annotation: str | Path, root: str, report: Report, *, cache_dir: 
 
         raise AdaptError("annotation file not found", path=path, hint="check the path you passed")
     stat = path.stat()
-    count = max(1, -(-stat.st_size // SHARD_BYTES))
-    shards = [(str(path.resolve()), str(root), i, count, stat.st_size, stat.st_mtime_ns, ARROW_VERSION)
-              for i in range(count)]
-    if not _has_rows(path):  # datasets refuses to build a table of no rows: an empty source is reported later
-        table = datasets.Dataset.from_dict({name: [] for name in _features()}, features=_features())
-        return table, np.zeros(0, dtype=np.int64)
+    key = hashlib.blake2b(json.dumps([str(path.resolve()), str(root), stat.st_size, stat.st_mtime_ns, ARROW_VERSION,
+                                      SHARD_BYTES]).encode(), digest_size=12).hexdigest()
+    folder = Path(cache_dir) / f"{path.stem}-{key}"
+    if not folder.is_dir():  # written whole or not at all (atomic_dir): a folder that is there is complete
+        _build(path, str(root), folder, num_proc)
     with _quiet_datasets():
-        table = datasets.Dataset.from_generator(_generate, features=_features(), gen_kwargs={"shards": shards},
-                                                cache_dir=str(cache_dir), num_proc=min(num_proc, count))
+        parts = [datasets.Dataset.from_file(str(f)) for f in sorted(folder.glob("shard-*.arrow"))]
+        table = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     report.read += len(table)
     import pyarrow.compute as pc
 
@@ -152,12 +193,6 @@ def read_table(annotation: str | Path, root: str, report: Report, *, cache_dir: 
         for line, problem, identifier in zip(problem_rows["line"], problem_rows["problem"], problem_rows["id"]):
             report.skip(problem, path=path, row=line, id=identifier)
     return table, np.flatnonzero(~bad)
-
-
-def _has_rows(path: Path) -> bool:
-    """Whether the file has a non-blank line (read up to the first one)."""
-    with open(path, "rb") as handle:
-        return any(chunk.strip() for chunk in iter(lambda: handle.read(1 << 16), b""))
 
 
 class _quiet_datasets:
