@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,6 +185,7 @@ def read_table(annotation: str | Path, root: str, report: Report, *, cache_dir: 
     with _quiet_datasets():
         parts = [datasets.Dataset.from_file(str(f)) for f in sorted(folder.glob("shard-*.arrow"))]
         table = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    random_access(table)
     report.read += len(table)
     import pyarrow.compute as pc
 
@@ -193,6 +195,54 @@ def read_table(annotation: str | Path, root: str, report: Report, *, cache_dir: 
         for line, problem, identifier in zip(problem_rows["line"], problem_rows["problem"], problem_rows["id"]):
             report.skip(problem, path=path, row=line, id=identifier)
     return table, np.flatnonzero(~bad)
+
+
+_MADV_RANDOM, _MADV_DONTNEED = 1, 4  # <sys/mman.h> on Linux
+
+
+class MappedPages:
+    """The memory mappings of some tables' Arrow files, for madvise(2). Found once in /proc/self/maps
+    (they stay put while the tables, kept here, are alive), and only read-only file mappings: DONTNEED
+    on anonymous memory would zero it. Without /proc or libc there are none, and advice is a no-op."""
+
+    def __init__(self, tables: list[datasets.Dataset]) -> None:
+        import ctypes
+
+        self.tables, self.ranges = tables, []
+        files = {os.path.realpath(f["filename"]) for table in tables for f in table.cache_files}
+        try:
+            with open("/proc/self/maps") as handle:
+                maps = handle.read().splitlines() if files else []
+            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            return
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5] in files and "w" not in fields[1]:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                self.ranges.append((ctypes.c_void_p(start), ctypes.c_size_t(end - start)))
+
+    def advise(self, advice: int) -> None:
+        for start, length in self.ranges:
+            self._madvise(start, length, advice)
+
+    def release(self) -> None:
+        """Drop the pages this process has mapped (they stay in the page cache and are mapped again
+        when read): after reading many rows, so resident memory is what the process holds, not what
+        it has read. The kernel maps 64 KiB around each page a read faults in, so a few hundred
+        scattered rows already map tens of MB."""
+        self.advise(_MADV_DONTNEED)
+
+
+def random_access(table: datasets.Dataset) -> None:
+    """No read-ahead on the table's pages: a mixture reads scattered rows, and read-ahead made reading
+    133k of 1.1M rows read (and map) nearly every page."""
+    MappedPages([table]).advise(_MADV_RANDOM)
+
+
+def release(tables: list[datasets.Dataset]) -> None:
+    """`MappedPages.release` of these tables, after one pass over many of their rows."""
+    MappedPages(tables).release()
 
 
 class _quiet_datasets:
@@ -254,8 +304,17 @@ class Rows(Sequence):
         return record
 
     def column(self, name: str) -> np.ndarray:
-        """A typed column at this view's positions."""
-        return self.table.data.column(name).to_numpy()[self.positions]
+        """A typed column at this view's positions (no second copy when the view is the whole table)."""
+        values = self.table.data.column(name).to_numpy()
+        whole = len(self.positions) == len(values) and (len(values) == 0 or (
+            self.positions[0] == 0 and self.positions[-1] == len(values) - 1 and bool((np.diff(self.positions) == 1).all())))
+        return values if whole else values[self.positions]
+
+    def has_values(self, name: str) -> bool:
+        """Whether an integer column is non-zero anywhere in the table (read by pyarrow, no copy)."""
+        import pyarrow.compute as pc
+
+        return bool(len(self.table) and pc.any(pc.not_equal(self.table.data.column(name), 0)).as_py())
 
     def repeat(self, repeat_time: float, seed: int) -> Rows:
         """`records.apply_repeat` on positions: the same picks as on a list of the records."""
@@ -288,30 +347,50 @@ def split_rows(source: Any, n_or_fraction: int | float, seed: int) -> tuple[Any,
     from adapt.data import splits
 
     rows: Rows = source.records
-    levels = {g: rows.column(f"g_{g}") for g in GROUP_LEVELS}
+    # memory: a 1M-row pool is split on a few 8 MB arrays, never Python objects; levels no row of the
+    # table has are not read at all (a general pool has images, no scenes or patients)
+    pages = MappedPages([rows.table])  # each key column is copied out, then its mapped pages dropped
+    present_levels = [g for g in GROUP_LEVELS if rows.has_values(f"g_{g}")]
     sample = rows.column("g_sample")
+    pages.release()
     given_up: list[str] = []
     while True:
-        codes = np.full(len(rows), len(GROUP_LEVELS), dtype=np.int64)
+        codes = np.full(len(rows), len(GROUP_LEVELS), dtype=np.int8)
         keys = sample.copy()
         for level in reversed(range(len(GROUP_LEVELS))):  # the first present level wins
             name = GROUP_LEVELS[level]
-            if name in given_up:
+            if name in given_up or name not in present_levels:
                 continue
-            present = levels[name] != 0
-            codes[present], keys[present] = level, levels[name][present]
+            values = rows.column(f"g_{name}")
+            pages.release()
+            present = values != 0
+            codes[present], keys[present] = level, values[present]
+            del values, present
         if len(rows) == 0 or codes[0] == len(GROUP_LEVELS) or (keys != keys[0]).any():
             break
         given_up.append(GROUP_LEVELS[codes[0]])
     given_up.sort(key=splits.GROUPINGS.index)
     groups, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    del keys
     order_seen = np.argsort(first, kind="stable")  # groups in first-seen order, as a dict keeps them
     rank = np.empty_like(order_seen)
     rank[order_seen] = np.arange(len(order_seen))
     group_of = rank[inverse]  # each position's group number, in first-seen order
+    del inverse
     group_code = codes[first[order_seen]]
-    pairs = np.unique(np.stack([group_of, sample]), axis=1)  # distinct (group, content) pairs
-    members = np.bincount(pairs[0], minlength=len(groups))
+    del codes
+    # distinct (group, content) pairs per group: sorted by group then content, a pair is new where
+    # either changes (np.unique(axis=1) over the stacked pair did the same with 3x the memory)
+    order = np.lexsort((sample, group_of))
+    sorted_groups = group_of[order]
+    new_pair = np.ones(len(order), dtype=bool)
+    new_pair[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    sorted_samples = sample[order]
+    del order
+    new_pair[1:] |= sorted_samples[1:] != sorted_samples[:-1]
+    del sorted_samples
+    members = np.bincount(sorted_groups[new_pair], minlength=len(groups))
+    del sorted_groups, new_pair
     target = splits._target(n_or_fraction, len(np.unique(sample)), source.name)
     draw = random.Random(f"adapt.holdout:{seed}:{source.name}").sample(range(len(groups)), len(groups))
     chosen = np.zeros(len(groups), dtype=bool)
@@ -333,6 +412,7 @@ def split_rows(source: Any, n_or_fraction: int | float, seed: int) -> tuple[Any,
                "heldout_groups": dict(Counter(names[c] for c in group_code[chosen].tolist())),
                "heldout_records": len(held), "train_records_dropped_same_image": leaked,
                "single_group_refined": given_up}
+    pages.release()  # the image column was read too
     return replace(source, records=train_view), replace(source, records=held), account
 
 
@@ -413,6 +493,7 @@ def plan_rows(builder: SampleBuilder, rows: Rows, root: str, positions: np.ndarr
                              fn_kwargs={"builder": builder, "root": root, "view": rows.view(positions[:0])},
                              remove_columns=["record"], features=features, num_proc=num_proc if num_proc > 1 else None,
                              new_fingerprint=fingerprint, cache_file_name=str(cache / f"plan-{fingerprint}.arrow"))
+    release([rows.table])  # with one process the rows were read here
     data = planned.data
     return {name: data.column(name).to_numpy() for name in ("length", "tiles", "supervised")} | \
         {"drop": data.column("drop").to_pylist()}

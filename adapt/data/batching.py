@@ -12,10 +12,12 @@ parallelism give the same update as one big batch.
 
 from __future__ import annotations
 
+import array
 import math
 import random
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,13 +125,25 @@ def pack_bins(lengths: Sequence[int], tiles: Sequence[int], *, max_tokens: int, 
     keeps batches mixed, and fills rows well on mixtures of long driving and short general
     samples. A sample longer than `max_tokens` gets a row of its own.
     """
+    members, starts = pack_flat(lengths, tiles, max_tokens=max_tokens, max_tiles=max_tiles, seed=seed,
+                                shuffle=shuffle, window=window)
+    return [members[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
+
+
+def pack_flat(lengths: Sequence[int], tiles: Sequence[int], *, max_tokens: int, max_tiles: int, seed: int = 0,
+              shuffle: bool = True, window: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_bins` as two arrays: the rows' sample indices one after the other, and where each row
+    starts (plus the end). A row leaves the window for good, so it is stored as soon as it does:
+    only `window` rows are Python lists (a 1M-sample mixture's rows as lists were tens of MB)."""
+    lengths, tiles = np.asarray(lengths, dtype=np.int64).tolist(), np.asarray(tiles, dtype=np.int64).tolist()
     order = list(range(len(lengths)))
     if shuffle:
         random.Random(seed).shuffle(order)
+    members, sizes = array.array("q"), array.array("q")
     bins: list[list[int]] = []
     room: list[tuple[int, int]] = []
     for i in order:
-        for b in range(max(0, len(room) - window), len(room)):
+        for b in range(len(room)):
             tok_left, tile_left = room[b]
             if lengths[i] <= tok_left and tiles[i] <= tile_left:
                 bins[b].append(i)
@@ -138,4 +152,14 @@ def pack_bins(lengths: Sequence[int], tiles: Sequence[int], *, max_tokens: int, 
         else:
             bins.append([i])
             room.append((max_tokens - lengths[i], max_tiles - tiles[i]))
-    return bins
+            if len(bins) > window:
+                closed = bins.pop(0)
+                room.pop(0)
+                members.extend(closed)
+                sizes.append(len(closed))
+    for closed in bins:
+        members.extend(closed)
+        sizes.append(len(closed))
+    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(np.frombuffer(sizes, dtype=np.int64), out=starts[1:])
+    return np.frombuffer(members, dtype=np.int64), starts

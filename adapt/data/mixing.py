@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from adapt.data.arrow import MappedPages, Rows, read_table
 from adapt.data.records import Record, apply_repeat, read_jsonl, read_meta
 from adapt.errors import AdaptError, Report
 from adapt.fileio import atomic_write, atomic_write_text
@@ -123,8 +124,6 @@ def load_sources_from_meta(path: str | Path, *, kind: str, weight: float = 1.0, 
         max_tiles = spec.max_dynamic_patch
         records: Sequence[Record]
         if arrow_cache is not None:
-            from adapt.data.arrow import Rows, read_table
-
             table, valid = read_table(spec.annotation, spec.root, report, cache_dir=arrow_cache, num_proc=num_proc)
             records = Rows(table, valid, max_tiles=max_tiles).repeat(spec.repeat_time, seed)
         else:
@@ -160,8 +159,6 @@ def _jsonl_source(path: Path, name: str, kind: str, weight: float, report: Repor
     root = str(path.parent.resolve())
     records: Sequence[Record]
     if arrow_cache is not None:
-        from adapt.data.arrow import Rows, read_table
-
         records = Rows(*read_table(path, root, report, cache_dir=arrow_cache, num_proc=num_proc))
     else:
         records = _read_records(path, root, report)
@@ -253,6 +250,10 @@ class Entries(_LazyEntries):
         source = self.sources[self.source_index[index]]
         record = source.records[int(self.rows[index])]
         return {**record, "meta": {**record.get("meta", {}), "mix_source": source.name}}, source.root
+
+    def tables(self) -> list[Any]:
+        """The Arrow tables the entries are read from (`arrow.release` drops their mapped pages)."""
+        return [s.records.table for s in self.sources if isinstance(s.records, Rows)]
 
     def keys(self) -> np.ndarray:
         """One int per distinct (source, row): repeats of a drawn record share it."""
@@ -423,11 +424,15 @@ class Mixture:
         crash between the writes is refused on load."""
         folder = Path(folder)
         digest = hashlib.sha256()
+        pages = MappedPages(self.entries.tables() if isinstance(self.entries, Entries) else [])
         with atomic_write(folder / "mixture.jsonl") as handle:
-            for record, _ in self.entries:
+            for i, (record, _) in enumerate(self.entries):
                 line = json.dumps(record, ensure_ascii=False) + "\n"
                 digest.update(line.encode("utf-8"))
                 handle.write(line)
+                if i % 64 == 63:  # resident memory stays flat however large the mixture
+                    pages.release()
+        pages.release()
         manifest = self.manifest(plan)
         manifest["files"] = {"mixture.jsonl": {"records": len(self.entries), "sha256": digest.hexdigest()}}
         if self.plans is not None:

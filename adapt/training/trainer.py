@@ -44,7 +44,7 @@ from adapt import console
 from adapt.checkpoints.models import Loaded, count_parameters
 from adapt.checkpoints.pickles import pickles_refused
 from adapt.config import available_cores
-from adapt.data.batching import Collator, pack_bins
+from adapt.data.batching import Collator, pack_flat
 from adapt.data.mixing import Plans
 from adapt.data.records import Record
 from adapt.data.samples import SampleBuilder, SampleDropped, plan_all
@@ -389,25 +389,40 @@ class RankBatchSampler(Sampler):
                  max_tokens: int, max_tiles: int, seed: int, world_size: int = 1, rank: int = 0) -> None:
         self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, 0
         if pack:
-            rows = pack_bins(lengths, tiles, max_tokens=max_tokens, max_tiles=max_tiles, seed=seed)
+            members, starts = pack_flat(lengths, tiles, max_tokens=max_tokens, max_tiles=max_tiles, seed=seed)
         else:
             order = list(range(len(lengths)))
             random.Random(seed).shuffle(order)
-            rows = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        self.rows = self._even_out(rows)
+            members = np.array(order, dtype=np.int64)
+            starts = np.append(np.arange(0, len(order), batch_size, dtype=np.int64), len(order))
+        # the rows as flat arrays (sample index, padding flag) and row starts, not lists of tuples
+        self.members, self.pads, self.starts = self._even_out(members, starts)
 
-    def _even_out(self, rows: list[list[int]]) -> list[list[tuple[int, bool]]]:
+    def _even_out(self, members: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """When the rows do not divide by the ranks, the last ones are re-split so each rank gets one;
+        a rank left without a sample gets the first leftover one as zero-weight padding."""
         world = self.world_size
-        tail = len(rows) % world
-        out = [[(i, False) for i in row] for row in rows[: len(rows) - tail]]
-        if tail:
-            left = [i for row in rows[len(rows) - tail:] for i in row]
-            split = [[(i, False) for i in left[r::world]] for r in range(world)]
-            for part in split:
-                if not part:
-                    part.append((left[0], True))
-            out += split
-        return out
+        n_rows = len(starts) - 1
+        tail = n_rows % world
+        if not tail:
+            return members, np.zeros(len(members), dtype=bool), starts
+        kept = int(starts[n_rows - tail])
+        left = members[kept:]
+        parts = [left[r::world] if len(left[r::world]) else left[:1] for r in range(world)]
+        pads = np.concatenate([np.zeros(kept, dtype=bool)] + [np.full(len(part), len(left[r::world]) == 0)
+                                                             for r, part in enumerate(parts)])
+        sizes = np.array([len(part) for part in parts], dtype=np.int64)
+        starts = np.concatenate([starts[:n_rows - tail + 1], kept + np.cumsum(sizes)])
+        return np.concatenate([members[:kept], *parts]), pads, starts
+
+    @property
+    def rows(self) -> list[list[tuple[int, bool]]]:
+        """Each row's (sample index, padding) pairs (built on demand)."""
+        return [self._row(k) for k in range(len(self.starts) - 1)]
+
+    def _row(self, k: int) -> list[tuple[int, bool]]:
+        a, b = int(self.starts[k]), int(self.starts[k + 1])
+        return list(zip(self.members[a:b].tolist(), self.pads[a:b].tolist()))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -415,17 +430,17 @@ class RankBatchSampler(Sampler):
     def _rounds(self) -> list[int]:
         """Row order of this epoch, shuffled by rounds of `world_size` rows so the evened-out last
         round stays together."""
-        n_rounds = len(self.rows) // self.world_size
+        n_rounds = (len(self.starts) - 1) // self.world_size
         order = list(range(n_rounds))
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return [r * self.world_size + self.rank for r in order]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
         for row in self._rounds():
-            yield [(i, self.epoch, pad) for i, pad in self.rows[row]]
+            yield [(i, self.epoch, pad) for i, pad in self._row(row)]
 
     def __len__(self) -> int:
-        return len(self.rows) // self.world_size
+        return (len(self.starts) - 1) // self.world_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,9 +676,9 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
     if not len(keep):
         raise AdaptError("no usable training sample (every record was dropped)",
                          hint="see the dropped-sample report: " + "; ".join(str(s) for s in dropped.skips[:3]))
-    lengths, tiles = plans.length[keep].tolist(), plans.tiles[keep].tolist()
-    if config.pack and max(lengths) > config.pack_tokens:
-        raise AdaptError(f"a sample of {max(lengths)} tokens exceeds pack_tokens {config.pack_tokens}",
+    lengths, tiles = plans.length[keep], plans.tiles[keep]
+    if config.pack and int(lengths.max()) > config.pack_tokens:
+        raise AdaptError(f"a sample of {int(lengths.max())} tokens exceeds pack_tokens {config.pack_tokens}",
                          hint="raise pack_tokens to at least max_length")
 
     precision = precision_flags(config.precision)
@@ -686,7 +701,7 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
         "use_cpu": not torch.cuda.is_available(), "disable_tqdm": not progress,
         "average_tokens_across_devices": True, "save_strategy": "steps", **precision,
         # a text-only row leaves the vision tower without gradients, which DDP must then not wait for
-        "ddp_find_unused_parameters": any(t == 0 for t in tiles),  # no tile: no image or video
+        "ddp_find_unused_parameters": bool((tiles == 0).any()),  # no tile: no image or video
         **config.training_arguments,
     }
     try:
