@@ -330,12 +330,18 @@ def decoded_size(path: Path, report: Report, count: bool = True) -> tuple[int, i
     """Fully decode an image as training will (adapt.data.images) and count what was normalised
     (unless `count` is False: a parallel worker decoding an image that an earlier row counted)."""
     image = decode_rgb(str(path))
-    for note in image.info.get(NOTES_KEY, []) if count else ():
+    if count:
+        count_normalized(report, image.info.get(NOTES_KEY, []))
+    return image.size
+
+
+def count_normalized(report: Report, notes: list[str]) -> None:
+    """Count (and warn about once per kind) what decoding did beyond a plain decode."""
+    for note in notes:
         counts = report.stats.setdefault("images_normalized", {})
         kind = note.split(" range ")[0]
         counts[kind] = counts.get(kind, 0) + 1
         report.warn(f"some images were normalised on decode ({kind}...): see stats.images_normalized")
-    return image.size
 
 
 def image_size_or_skip(path: Path, report: Report, *, source: str | Path | None = None, row: int | None = None,
@@ -438,12 +444,14 @@ class ImageChecker:
     """Resolves record image paths inside their root and fully decodes each image once.
 
     Several rows often share an image (COCO, DIOR-RSVG, RSVQA): the decode result is cached, but
-    every row that uses an unusable image is reported as its own skip.
+    every row that uses an unusable image is reported as its own skip. What decoding normalised is
+    counted once per image, or, with `count_rows`, once per row that uses it: a count that does not
+    depend on how a source's rows are split among processes when no process sees them all.
     """
 
-    def __init__(self, root: Path, report: Report, decode: bool = True) -> None:
-        self.root, self.report, self.decode = Path(root), report, decode
-        self._cache: dict[Path, tuple[tuple[int, int] | None, str]] = {}
+    def __init__(self, root: Path, report: Report, decode: bool = True, count_rows: bool = False) -> None:
+        self.root, self.report, self.decode, self.count_rows = Path(root), report, decode, count_rows
+        self._cache: dict[Path, tuple[tuple[int, int] | None, str, list[str]]] = {}
         self._paths = PathMemo()
 
     def size(self, rel: str, *, path: str | Path | None, row: int | None, id: str | None,
@@ -456,22 +464,26 @@ class ImageChecker:
         except AdaptError as err:
             self.report.skip(err.message, path=path, row=row, id=id)
             return None
-        if target not in self._cache:
-            self._cache[target] = self._probe(target, first)
-        size, reason = self._cache[target]
+        cached = target in self._cache
+        if not cached:
+            self._cache[target] = self._probe(target)
+        size, reason, notes = self._cache[target]
         if size is None:
             self.report.skip(reason, path=path, row=row, id=id)
+        elif self.count_rows or (first and not cached):
+            count_normalized(self.report, notes)
         return size
 
-    def _probe(self, target: Path, count: bool) -> tuple[tuple[int, int] | None, str]:
+    def _probe(self, target: Path) -> tuple[tuple[int, int] | None, str, list[str]]:
         if not target.is_file():
-            return None, f"image not found: {target}"
+            return None, f"image not found: {target}", []
         try:
             if self.decode:
-                return decoded_size(target, self.report, count), ""
-            return image_size(target), ""
+                image = decode_rgb(str(target))
+                return image.size, "", list(image.info.get(NOTES_KEY, []))
+            return image_size(target), "", []
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            return None, f"corrupt image: {target} ({err})"
+            return None, f"corrupt image: {target} ({err})", []
 
 
 def turn(question: str, answer: str) -> list[dict[str, str]]:

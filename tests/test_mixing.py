@@ -14,6 +14,8 @@ from PIL import Image
 
 from adapt.data.mixing import (
     Mixture,
+    SavedEntries,
+    SavedTable,
     Source,
     content_key,
     load_source,
@@ -264,6 +266,20 @@ def test_save_load_round_trip(tmp_path):
     lines = (tmp_path / "mix" / "mixture.jsonl").read_text().splitlines()
     assert all(json.loads(line)["meta"]["mix_source"] in mixture.sources for line in lines)
     assert not any("/data/" in line for line in lines)  # roots live in the manifest only
+
+    assert isinstance(loaded.entries, SavedTable)  # every rank maps mixture.arrow, parses no JSONL
+    arrow_file = tmp_path / "mix" / "mixture.arrow"
+    saved_arrow = arrow_file.read_bytes()
+    arrow_file.write_bytes(saved_arrow[:-8])
+    with pytest.raises(AdaptError, match="mixture.arrow does not match"):
+        Mixture.load(tmp_path / "mix")
+    arrow_file.write_bytes(saved_arrow)
+
+    manifest = json.loads((tmp_path / "mix" / "manifest.json").read_text())  # saved before mixture.arrow
+    del manifest["files"]["mixture.arrow"]
+    (tmp_path / "mix" / "manifest.json").write_text(json.dumps(manifest))
+    older = Mixture.load(tmp_path / "mix")
+    assert isinstance(older.entries, SavedEntries) and older.entries == mixture.entries
 
     path = tmp_path / "mix" / "mixture.jsonl"
     path.write_text("\n".join(lines[:-1]) + "\n")

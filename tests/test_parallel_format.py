@@ -9,6 +9,7 @@ so `eager` gives each formatter a worker for every unit of work.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 from pathlib import Path
@@ -276,3 +277,46 @@ def test_grounding_strict_stops_on_the_first_bad_line(grounding_rows, tmp_path):
     with pytest.raises(AdaptError) as many:
         run(eager(GROUNDING), grounding_rows, tmp_path / "many", progress=False, strict=True, num_proc=3)
     assert str(many.value) == str(one.value) and f"{grounding_rows}:3:" in str(one.value)
+
+
+def test_general_output_is_byte_identical(tmp_path, monkeypatch):
+    """An InternVL meta file of two datasets read in 600-byte ranges by three processes: bad rows in
+    file order, a repeated id renamed once, a 16-bit image counted for each row using it, paths rebased."""
+    from formatters import general
+
+    monkeypatch.setattr(general, "UNIT_BYTES", 600)
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / name / "x.png")
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "data" / "a" / "deep.png")
+    (tmp_path / "data" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    def row(i: int, image: str | None, ident: str | None = None) -> str:
+        record = {"id": ident or f"r{i}", "conversations": [{"from": "human", "value": f"question {i}?"},
+                                                             {"from": "gpt", "value": f"answer {i}"}]}
+        if image:
+            record["image"] = image
+            record["conversations"][0]["value"] = "<image>\n" + record["conversations"][0]["value"]
+        return json.dumps(record)
+
+    lines = []
+    for i in range(60):
+        image = ["x.png", "deep.png", None, "broken.png" if i == 19 else "x.png"][i % 4]
+        lines.append(row(i, image, ident="dup" if i in (5, 41) else None))
+    lines[9] = "{not json"
+    lines[30] = row(30, "../b/x.png")  # escapes its dataset root
+    lines[44] = row(44, "missing.png")
+    (tmp_path / "data" / "a" / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "data" / "b" / "b.jsonl").write_text("\n".join(row(i, "x.png") for i in range(25)) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "a": {"root": str(tmp_path / "data" / "a"), "annotation": str(tmp_path / "data" / "a" / "a.jsonl")},
+        "b": {"root": str(tmp_path / "data" / "b"), "annotation": str(tmp_path / "data" / "b" / "b.jsonl")}}))
+    out, report = assert_same_output(general.GENERAL, tmp_path / "meta.json", tmp_path, 3)
+    assert len(general._plan_rows(tmp_path / "meta.json", tmp_path, Report()).units) > 6
+    assert [s.row for s in report.skips] == [10, 20, 31, 45]
+    deep = sum('"deep.png"' in line for line in lines)
+    assert deep == 14 and report.stats["images_normalized"] == {"16-bit image scaled by 65535/255": deep}
+    records = [json.loads(line) for line in out["records.jsonl"].decode().splitlines()]
+    assert len(records) == 60 - 4 + 25 and records[0]["image"] == "a/x.png" and records[-1]["id"] == "b/r24"
+    assert [r["id"] for r in records if r["id"].startswith("a/dup")] == ["a/dup", "a/dup#2"]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapt.data.records import Record, images_of, normalize, problems
+from adapt.data.records import Record, byte_ranges, images_of, normalize, numbered_lines, problems
 from adapt.errors import Report
 from adapt.fileio import PathMemo
 
@@ -94,26 +94,6 @@ def _row(raw: bytes, line: int, root: str, paths: PathMemo) -> dict[str, Any]:
             "id": str(record.get("id")), "images": images_of(record), **group_keys(record)}
 
 
-def _shards(path: Path) -> list[tuple[int, int, int]]:
-    """(start byte, end byte, first line number) of each `SHARD_BYTES` range of the file, cut at line
-    starts, found in one pass (a range's first line number needs the newlines before it)."""
-    size = path.stat().st_size
-    cuts = [0]
-    with open(path, "rb") as handle:
-        for target in range(SHARD_BYTES, size, SHARD_BYTES):
-            handle.seek(target - 1)
-            handle.readline()
-            if handle.tell() > cuts[-1] and handle.tell() < size:
-                cuts.append(handle.tell())
-        cuts.append(size)
-        lines, position = [1], 0
-        for end in cuts[1:-1]:
-            handle.seek(position)
-            lines.append(lines[-1] + handle.read(end - position).count(b"\n"))
-            position = end
-    return [(start, end, line) for start, end, line in zip(cuts, cuts[1:], lines)]
-
-
 def _write_shard(path: str, root: str, start: int, end: int, line: int, out: str) -> None:
     """Worker: the rows of one byte range into an Arrow stream file, in batches of 8192 rows."""
     import pyarrow as pa
@@ -122,18 +102,12 @@ def _write_shard(path: str, root: str, start: int, end: int, line: int, out: str
     paths = PathMemo()
     batch: list[dict[str, Any]] = []
     with open(path, "rb") as handle, pa.OSFile(out, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        handle.seek(start)
-        position = start
-        for raw in iter(handle.readline, b""):
-            if position >= end:
-                break
-            position += len(raw)
+        for line_no, raw in numbered_lines(handle, (start, end, line)):
             if raw.strip():
-                batch.append(_row(raw, line, root, paths))
+                batch.append(_row(raw, line_no, root, paths))
                 if len(batch) == 8192:
                     writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
                     batch = []
-            line += 1
         if batch:
             writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
 
@@ -145,7 +119,7 @@ def _build(path: Path, root: str, folder: Path, num_proc: int) -> None:
 
     from adapt.fileio import atomic_dir
 
-    shards = _shards(path)
+    shards = byte_ranges(path, SHARD_BYTES)
     processes = max(1, min(num_proc, len(shards)))
     with atomic_dir(folder, overwrite=True) as tmp:
         jobs = [(str(path), root, start, end, line, str(tmp / f"shard-{i:05d}.arrow"))

@@ -279,6 +279,24 @@ class SavedEntries(_LazyEntries):
         return record, self.roots[self.names[self.source_index[index]]]
 
 
+class SavedTable(_LazyEntries):
+    """The entries of a saved `mixture.arrow`, memory-mapped (each rank maps the file the main
+    process wrote; nothing is parsed until an entry is read)."""
+
+    def __init__(self, table: Any, names: list[str], source_index: np.ndarray, roots: dict[str, str]) -> None:
+        self.table, self.names, self.source_index, self.roots = table, names, source_index, roots
+        self._records: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # dataloader workers map the file again
+        return {**self.__dict__, "_records": None}
+
+    def entry(self, index: int) -> tuple[Record, str]:
+        if self._records is None:
+            self._records = self.table.data.column("record")
+        record = json.loads(self._records[index].as_py())
+        return record, self.roots[self.names[self.source_index[index]]]
+
+
 @dataclass
 class Plans:
     """Each entry's `SampleBuilder.plan`, computed once and reused by the manifest, `train()` and a
@@ -424,17 +442,39 @@ class Mixture:
         crash between the writes is refused on load."""
         folder = Path(folder)
         digest = hashlib.sha256()
+        import pyarrow as pa
+
         pages = MappedPages(self.entries.tables() if isinstance(self.entries, Entries) else [])
-        with atomic_write(folder / "mixture.jsonl") as handle:
+        position = {name: i for i, name in enumerate(self.sources)}
+        schema = pa.schema([("record", pa.string()), ("source", pa.int32())])
+        batch: tuple[list[str], list[int]] = ([], [])
+
+        def flush(writer: Any) -> None:
+            writer.write_batch(pa.RecordBatch.from_arrays([pa.array(batch[0], pa.string()),
+                                                           pa.array(batch[1], pa.int32())], schema=schema))
+            batch[0].clear()
+            batch[1].clear()
+
+        # mixture.jsonl for people and InternVL's tools; mixture.arrow (the same records, in order)
+        # for the trainer: every rank memory-maps it instead of parsing the JSONL
+        with atomic_write(folder / "mixture.jsonl") as handle, atomic_write(folder / "mixture.arrow", "wb") as raw, \
+                pa.ipc.new_stream(raw, schema) as writer:
             for i, (record, _) in enumerate(self.entries):
-                line = json.dumps(record, ensure_ascii=False) + "\n"
-                digest.update(line.encode("utf-8"))
-                handle.write(line)
+                text = json.dumps(record, ensure_ascii=False)
+                digest.update((text + "\n").encode("utf-8"))
+                handle.write(text + "\n")
+                batch[0].append(text)
+                batch[1].append(position[record["meta"]["mix_source"]])
                 if i % 64 == 63:  # resident memory stays flat however large the mixture
                     pages.release()
+                if len(batch[0]) == 4096:
+                    flush(writer)
+            if batch[0] or not len(self.entries):
+                flush(writer)
         pages.release()
         manifest = self.manifest(plan)
-        manifest["files"] = {"mixture.jsonl": {"records": len(self.entries), "sha256": digest.hexdigest()}}
+        manifest["files"] = {"mixture.jsonl": {"records": len(self.entries), "sha256": digest.hexdigest()},
+                             "mixture.arrow": {"sha256": _file_sha256(folder / "mixture.arrow")}}
         if self.plans is not None:
             manifest["files"]["plans.npz"] = {"sha256": self.plans.save(folder / "plans.npz")}
         atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
@@ -464,28 +504,10 @@ class Mixture:
             raise AdaptError(f"mixture manifest is malformed ({err})", path=manifest_path,
                              hint="re-run the mixing step") from None
         names = list(sources)
-        position = {name: i for i, name in enumerate(names)}
-        digest, offsets, index = hashlib.sha256(), array.array("q"), array.array("i")
-        unknown: tuple[int, Any] | None = None
-        with open(records_path, "rb") as handle:
-            offset = 0
-            for row, line in enumerate(handle, start=1):  # every row is checked before training on any
-                digest.update(line)
-                try:
-                    name = json.loads(line).get("meta", {}).get("mix_source")
-                except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                    name = None
-                if name not in position and unknown is None:
-                    unknown = (row, name)
-                offsets.append(offset)
-                index.append(position.get(name, -1))
-                offset += len(line)
-        if digest.hexdigest() != files.get("mixture.jsonl", {}).get("sha256"):
-            raise AdaptError("mixture.jsonl does not match manifest.json (edited, or a save was interrupted)",
-                             path=records_path, hint="re-run the mixing step; a resumed run needs the exact mixture")
-        if unknown is not None:
-            raise AdaptError(f"record names source {unknown[1]!r}, which the manifest does not list",
-                             path=records_path, row=unknown[0], hint="re-run the mixing step")
+        if "mixture.arrow" in files:
+            entries: _LazyEntries = _saved_table(folder, files, names, sources)
+        else:  # saved before mixture.arrow existed: read by line offsets
+            entries = _saved_lines(records_path, files, names, sources)
         plans = None
         if "plans.npz" in files:
             plans_path = folder / "plans.npz"
@@ -494,10 +516,61 @@ class Mixture:
                 raise AdaptError("plans.npz does not match manifest.json (edited, or a save was interrupted)",
                                  path=plans_path, hint="re-run the mixing step")
             plans = Plans.load(plans_path)
-        entries = SavedEntries(records_path, np.frombuffer(offsets, dtype=np.int64), names,
-                               np.frombuffer(index, dtype=np.int32),
-                               {name: usage.root for name, usage in sources.items()})
         return cls(entries=entries, sources=sources, plans=plans, **settings)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _saved_table(folder: Path, files: dict[str, Any], names: list[str], sources: dict[str, SourceUsage]) -> SavedTable:
+    """The entries of `mixture.arrow`, memory-mapped; both saved files must match the manifest."""
+    import datasets
+
+    for name in ("mixture.jsonl", "mixture.arrow"):
+        path = folder / name
+        if not path.is_file() or _file_sha256(path) != files.get(name, {}).get("sha256"):
+            raise AdaptError(f"{name} does not match manifest.json (edited, or a save was interrupted)",
+                             path=path, hint="re-run the mixing step; a resumed run needs the exact mixture")
+    table = datasets.Dataset.from_file(str(folder / "mixture.arrow"))
+    index = table.data.column("source").to_numpy()
+    if len(index) != files["mixture.jsonl"].get("records") or (len(index) and not 0 <= index.min() <= index.max() < len(names)):
+        raise AdaptError("mixture.arrow does not match manifest.json", path=folder / "mixture.arrow",
+                         hint="re-run the mixing step")
+    return SavedTable(table, names, index, {name: usage.root for name, usage in sources.items()})
+
+
+def _saved_lines(records_path: Path, files: dict[str, Any], names: list[str],
+                 sources: dict[str, SourceUsage]) -> SavedEntries:
+    """The entries of a `mixture.jsonl` without `mixture.arrow`, by line offsets (every line checked)."""
+    position = {name: i for i, name in enumerate(names)}
+    digest, offsets, index = hashlib.sha256(), array.array("q"), array.array("i")
+    unknown: tuple[int, Any] | None = None
+    with open(records_path, "rb") as handle:
+        offset = 0
+        for row, line in enumerate(handle, start=1):  # every row is checked before training on any
+            digest.update(line)
+            try:
+                name = json.loads(line).get("meta", {}).get("mix_source")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                name = None
+            if name not in position and unknown is None:
+                unknown = (row, name)
+            offsets.append(offset)
+            index.append(position.get(name, -1))
+            offset += len(line)
+    if digest.hexdigest() != files.get("mixture.jsonl", {}).get("sha256"):
+        raise AdaptError("mixture.jsonl does not match manifest.json (edited, or a save was interrupted)",
+                         path=records_path, hint="re-run the mixing step; a resumed run needs the exact mixture")
+    if unknown is not None:
+        raise AdaptError(f"record names source {unknown[1]!r}, which the manifest does not list",
+                         path=records_path, row=unknown[0], hint="re-run the mixing step")
+    return SavedEntries(records_path, np.frombuffer(offsets, dtype=np.int64), names,
+                        np.frombuffer(index, dtype=np.int32), {name: usage.root for name, usage in sources.items()})
 
 
 class _Stream:

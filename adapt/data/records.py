@@ -152,10 +152,48 @@ def validate(record: Any, **kwargs: Any) -> Record:
     return normalize(record)
 
 
+def byte_ranges(path: str | Path, size: int) -> list[tuple[int, int, int]]:
+    """(start byte, end byte, first line number) of each `size`-byte range of a text file, cut at
+    line starts, found in one pass (a range's first line number needs the newlines before it): the
+    units that parallel readers of a JSONL file share out."""
+    total = Path(path).stat().st_size
+    cuts = [0]
+    with open(path, "rb") as handle:
+        for target in range(size, total, size):
+            handle.seek(target - 1)
+            handle.readline()
+            if cuts[-1] < handle.tell() < total:
+                cuts.append(handle.tell())
+        cuts.append(total)
+        lines, position = [1], 0
+        for end in cuts[1:-1]:
+            handle.seek(position)
+            lines.append(lines[-1] + handle.read(end - position).count(b"\n"))
+            position = end
+    return [(start, end, line) for start, end, line in zip(cuts, cuts[1:], lines)]
+
+
+def numbered_lines(handle: Any, span: tuple[int, int, int] | None) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the whole file, or of a `byte_ranges` span of it."""
+    if span is None:
+        yield from enumerate(handle, start=1)
+        return
+    start, end, line = span
+    handle.seek(start)
+    position = start
+    for raw in iter(handle.readline, b""):
+        if position >= end:
+            return
+        position += len(raw)
+        yield line, raw
+        line += 1
+
+
 def read_jsonl(path: str | Path, report: Report | None = None, *, root: str | Path | None = None,
                check_files: bool = False, require_answer: bool = True, paths: PathMemo | None = None,
-               ) -> Iterator[tuple[int, Record]]:
-    """Stream (line_number, record) from a JSONL file, skipping and counting bad lines.
+               span: tuple[int, int, int] | None = None) -> Iterator[tuple[int, Record]]:
+    """Stream (line_number, record) from a JSONL file (or one `byte_ranges` span of it), skipping and
+    counting bad lines.
 
     Lines that are not UTF-8, not JSON, or not a valid record go to `report` with their file:line
     (or raise under a strict report). Blank lines are ignored. Paths are resolved once per file read
@@ -167,7 +205,7 @@ def read_jsonl(path: str | Path, report: Report | None = None, *, root: str | Pa
     if not path.is_file():
         raise AdaptError("annotation file not found", path=path, hint="check the path you passed")
     with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+        for line_no, raw in numbered_lines(handle, span):
             if not raw.strip():
                 continue
             report.read += 1
