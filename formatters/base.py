@@ -11,8 +11,11 @@ images, else the source folder (no copies of images the source already has).
 
 from __future__ import annotations
 
+import array
 import copy
+import hashlib
 import json
+import shutil
 import time
 import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,6 +26,7 @@ from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 from tqdm import tqdm
@@ -32,7 +36,7 @@ from adapt.data import records as rec
 from adapt.data.images import NOTES_KEY, decode_rgb, image_size
 from adapt.data.text import source_problem
 from adapt.errors import AdaptError, Report, validation_problems
-from adapt.fileio import PathMemo, atomic_dir
+from adapt.fileio import PathMemo, atomic_dir, atomic_write
 
 Generator = Callable[..., Iterator[rec.Record]]
 Work = Callable[[Any, Sequence[Any], Path, Report], Iterator[rec.Record]]
@@ -114,13 +118,13 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
                 # workers start from a server that imports the formatter while this process plans
                 context = process_context([__name__, formatter.work.__module__]) if processes > 1 else None
                 made = formatter.plan(source, tmp, report, **options)
-                records = _sharded_records(formatter.work, made, source, tmp, report, check_root, bar,
-                                           processes, context)
+                ids = UniqueIds(report)
+                _write_sharded(formatter.work, made, source, tmp, report, check_root, bar, processes, context, ids)
             else:
+                ids = UniqueIds(report)
                 records = _valid(formatter.generate(source, tmp, report, **options), report, check_root, source,
                                  bar.update)
-            ids = UniqueIds(report)
-            rec.write_jsonl(tmp / "records.jsonl", ids.assign_all(records))
+                rec.write_jsonl(tmp / "records.jsonl", ids.assign_all(records))
             ids.finish()
         finally:
             if shared is None:
@@ -183,11 +187,14 @@ class _Stopped(Exception):
     """The parent asked the workers to stop (another shard failed, or the run was interrupted)."""
 
 
-def _format_shard(shard: _Shard) -> Report:
-    """Worker: the records of one slice of units into its part file; returns the slice's report."""
+def _format_shard(shard: _Shard) -> tuple[Report, bytes, bool]:
+    """Worker: the records of one slice of units into its part file; returns the slice's report, a
+    64-bit hash of each record's id, and whether every id is a non-empty string (see `_write_sharded`)."""
     started = time.process_time()
     report = Report(name=shard.name, strict=shard.strict)
     counts, stop = _worker["counts"], _worker["stop"]
+    hashes = array.array("q")
+    plain = True
 
     def count(n: int) -> None:
         if stop.is_set():
@@ -195,11 +202,24 @@ def _format_shard(shard: _Shard) -> Report:
         with counts.get_lock():
             counts.value += n
 
+    def noted(records: Iterable[rec.Record]) -> Iterator[rec.Record]:
+        nonlocal plain
+        for record in records:
+            ident = record.get("id")
+            plain = plain and isinstance(ident, str) and ident != ""
+            hashes.append(_id_hash(str(ident)))
+            yield record
+
     records = _valid(shard.work(shard.context, shard.units, shard.out, report), report, shard.root, shard.source,
                      count)
-    rec.write_jsonl(shard.part, records)
+    rec.write_jsonl(shard.part, noted(records))
     report.timing["worker_cpu"] = time.process_time() - started  # the benchmark's CPU seconds per sample
-    return report
+    return report, hashes.tobytes(), plain
+
+
+def _id_hash(ident: str) -> int:
+    return int.from_bytes(hashlib.blake2b(ident.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little",
+                          signed=True)
 
 
 def _slices(n_units: int, n_shards: int) -> list[range]:
@@ -208,16 +228,24 @@ def _slices(n_units: int, n_shards: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _sharded_records(work: Work, plan: Plan, source: Path, tmp: Path, report: Report, root: Path, bar: tqdm,
-                     num_proc: int, context: BaseContext | None) -> Iterator[rec.Record]:
-    """The plan's records in unit order: worked here when one process is enough, else by
-    `num_proc` worker processes whose part files and reports are merged in shard order (each
-    worker's skips are in its rows' order, so the merged report reads as one process's)."""
+def _write_sharded(work: Work, plan: Plan, source: Path, tmp: Path, report: Report, root: Path, bar: tqdm,
+                   num_proc: int, context: BaseContext | None, ids: UniqueIds) -> None:
+    """`records.jsonl` of the plan's records in unit order: worked here when one process is enough,
+    else by `num_proc` worker processes whose part files and reports are merged in shard order (each
+    worker's skips are in its rows' order, so the merged report reads as one process's).
+
+    When every id is a distinct non-empty string (the workers send a hash of each), `UniqueIds`
+    would change nothing, so the part files are concatenated as they are (the same bytes: a record
+    is written as `json.dumps` either way); otherwise each record is read back and its id assigned
+    in order, as one process does. For a 1M-row pool, parsing and writing every record again in
+    this one process took longer than the workers, and the set of seen ids ~100 MB."""
+    out = tmp / "records.jsonl"
     units = list(plan.units)
     processes = max(1, min(num_proc, len(units) // max(plan.min_per_process, 1)))
     if processes == 1 or context is None:
         shard_report = Report(name=report.name, strict=report.strict)
-        yield from _valid(work(plan.context, units, tmp, shard_report), shard_report, root, source, bar.update)
+        records = _valid(work(plan.context, units, tmp, shard_report), shard_report, root, source, bar.update)
+        rec.write_jsonl(out, ids.assign_all(records))
         merge_reports(report, shard_report)
         return
     parts = tmp / ".parts"
@@ -227,20 +255,21 @@ def _sharded_records(work: Work, plan: Plan, source: Path, tmp: Path, report: Re
                      report.strict) for i, s in enumerate(_slices(len(units), processes))]
     threads = max(1, available_cores() // processes)
     report.timing["workers"] = processes
-    shown = 0
+    shown, hashes, plain = 0, [], True
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
                              initargs=(counts, stop, threads)) as pool:
         futures = [pool.submit(_format_shard, shard) for shard in shards]
         try:
-            for shard, future in zip(shards, futures):
+            for future in futures:
                 while not future.done():
                     wait([future], timeout=0.2)
                     now = counts.value
                     bar.update(now - shown)
                     shown = now
-                merge_reports(report, future.result())  # the first failing shard in order raises
-                yield from _read_part(shard.part)
-                shard.part.unlink()
+                shard_report, shard_hashes, shard_plain = future.result()  # the first failing shard in order raises
+                merge_reports(report, shard_report)
+                hashes.append(np.frombuffer(shard_hashes, dtype=np.int64))
+                plain = plain and shard_plain
             bar.update(counts.value - shown)
         except BrokenProcessPool:
             raise AdaptError(f"a formatting worker process died (killed, or out of memory) while formatting "
@@ -248,6 +277,17 @@ def _sharded_records(work: Work, plan: Plan, source: Path, tmp: Path, report: Re
                              "(--num-proc) if memory is short") from None
         finally:
             stop.set()  # on an error or an interrupt the other workers stop at their next record
+    every = np.concatenate(hashes)
+    if plain and len(np.unique(every)) == len(every):
+        with atomic_write(out, "wb") as handle:
+            for shard in shards:
+                with open(shard.part, "rb") as part:
+                    shutil.copyfileobj(part, handle, 1 << 20)
+        report.written += len(every)
+    else:
+        rec.write_jsonl(out, ids.assign_all(record for shard in shards for record in _read_part(shard.part)))
+    for shard in shards:
+        shard.part.unlink()
     parts.rmdir()
 
 

@@ -320,3 +320,9 @@ def test_general_output_is_byte_identical(tmp_path, monkeypatch):
     records = [json.loads(line) for line in out["records.jsonl"].decode().splitlines()]
     assert len(records) == 60 - 4 + 25 and records[0]["image"] == "a/x.png" and records[-1]["id"] == "b/r24"
     assert [r["id"] for r in records if r["id"].startswith("a/dup")] == ["a/dup", "a/dup#2"]
+    # distinct string ids: the parts are concatenated as written, no record is parsed again
+    monkeypatch.setattr(base, "_read_part", lambda path: pytest.fail("read back although every id is distinct"))
+    (tmp_path / "meta_b.json").write_text(json.dumps({"b": {"root": str(tmp_path / "data" / "b"),
+                                                            "annotation": str(tmp_path / "data" / "b" / "b.jsonl")}}))
+    got = run(eager(general.GENERAL), tmp_path / "meta_b.json", tmp_path / "b_only", progress=False, num_proc=3)
+    assert got.written == 25 and got.timing["workers"] == 3
