@@ -6,10 +6,11 @@ JPEGs, ~15-word questions, ~40-word answers) and a domain set of 10% of it, then
 runs: tiny model, 32-sample evaluation by default) in a fresh process per measurement, until the trainer logs
 that the first training batch is ready (`first training step` in the run log). Printed per size:
 wall time to that step (and how much of it the formatting phase, which includes reading the Arrow
-tables, and the base model's evaluation took), CPU time (user+sys, with the process's reaped
-data-preparation workers) and the peak RSS of the run process (wait4 ru_maxrss; and, sampled from
-/proc, its anonymous and file-backed parts: pages of memory-mapped tables count as file-backed), cold (an empty shared data folder: formatting, Arrow
-tables, planning) and warm (the same folder again: everything cached), and the growth between sizes.
+tables, and the base model's evaluation took), CPU time (user+sys of the run and every process it
+started, sampled from /proc) and the peak RSS of the run process (wait4 ru_maxrss; and, sampled from
+/proc, its anonymous and file-backed parts: pages of memory-mapped tables count as file-backed),
+cold (an empty shared data folder: formatting, Arrow tables, planning) and warm (the same folder
+again: everything cached), and the growth between sizes.
 
 `--baseline SRC` runs the same measurements with the adapt package found in SRC (e.g. a `git archive`
 of the commit before Arrow-backed data: one process, no cache), for the "old path" columns.
@@ -106,10 +107,10 @@ def measure(spec: dict, src: Path, timeout: float) -> dict:
                                    env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         timer = threading.Timer(timeout, process.kill)
         timer.start()
-        peaks = {"RssAnon": 0, "RssFile": 0}
-        sampler = threading.Thread(target=_sample_memory, args=(process.pid, peaks), daemon=True)
+        peaks, cpu = {"RssAnon": 0, "RssFile": 0}, {}
+        sampler = threading.Thread(target=_sample, args=(process.pid, peaks, cpu), daemon=True)
         sampler.start()
-        _, _, usage = os.wait4(process.pid, 0)  # this run's own usage, with its reaped workers
+        _, _, usage = os.wait4(process.pid, 0)  # peak RSS: ru_maxrss
         timer.cancel()
         sampler.join()
     lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
@@ -118,16 +119,19 @@ def measure(spec: dict, src: Path, timeout: float) -> dict:
         raise SystemExit(f"run {spec['name']} ended without a first step:\n{errors.read_text()[-3000:]}")
     phases = {name: sum(float(line.split(f"{name} done in ")[1].split()[0]) for line in lines
                         if f"{name} done in " in line) for name in ("formatting", "evaluation (before)")}
-    return {"first_step_s": round(first[0] - started, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+    return {"first_step_s": round(first[0] - started, 1), "cpu_s": round(sum(cpu.values()), 1),
             "formatting_s": round(phases["formatting"], 1), "eval_s": round(phases["evaluation (before)"], 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "peak_anon_mb": round(peaks["RssAnon"] / 1024),
             "peak_file_mb": round(peaks["RssFile"] / 1024)}
 
 
-def _sample_memory(pid: int, peaks: dict[str, int]) -> None:
-    """Peak anonymous and file-backed resident KiB of `pid` (every 50 ms, /proc): ru_maxrss counts the
-    pages of memory-mapped Arrow files it has read too, which the kernel can drop at any time."""
+def _sample(pid: int, peaks: dict[str, int], cpu: dict[int, float]) -> None:
+    """Every 50 ms: the peak anonymous and file-backed resident KiB of `pid` (/proc; ru_maxrss counts
+    the pages of memory-mapped Arrow files it has read too, which the kernel can drop at any time), and
+    the CPU seconds of it and of each of its descendants (formatting and Arrow workers fork from a
+    forkserver the run does not reap, so wait4 does not count them; a process's last <50 ms may be missed)."""
     status = Path(f"/proc/{pid}/status")
+    tick = os.sysconf("SC_CLK_TCK")
     while True:
         try:
             lines = status.read_text().splitlines()
@@ -139,6 +143,20 @@ def _sample_memory(pid: int, peaks: dict[str, int]) -> None:
             key, _, value = line.partition(":")
             if key in peaks:
                 peaks[key] = max(peaks[key], int(value.split()[0]))
+        parents: dict[int, tuple[int, float]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parents[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        for child, (parent, seconds) in parents.items():
+            ancestor = pid if child == pid else parent
+            while ancestor not in (0, 1, pid) and ancestor in parents:
+                ancestor = parents[ancestor][0]
+            if ancestor == pid:
+                cpu[child] = max(cpu.get(child, 0.0), seconds)
         time.sleep(0.05)
 
 
@@ -178,8 +196,8 @@ def main() -> None:
                           **measure(spec, src, args.timeout)}
                 print(json.dumps(result), flush=True)
                 rows.append(result)
-    print("\n| impl | general + domain | phase | first step (s) | of which formatting / base eval (s) | CPU (s) "
-          "| peak RSS (MB) | anon / file-backed (MB) |")
+    print("\n| impl | general + domain | phase | first step (s) | of which formatting / base eval (s) "
+          "| CPU (s) | peak RSS (MB) | anon / file-backed (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['impl']} | {r['general']} + {r['domain']} | {r['phase']} | {r['first_step_s']} "
