@@ -308,8 +308,9 @@ class Plans:
     drops: dict[int, str] = field(default_factory=dict)
 
     @classmethod
-    def compute(cls, entries: Sequence[tuple[Record, str]], plan: Plan) -> Plans:
-        """Plan entry by entry; a drawn record's repeats are planned once."""
+    def compute(cls, entries: Sequence[tuple[Record, str]], plan: Plan, progress: Any = None) -> Plans:
+        """Plan entry by entry; a drawn record's repeats are planned once. `progress` (a tqdm, the
+        planning phase's display) counts the entries."""
         from adapt.data.samples import SampleDropped
 
         keys = entries.keys() if isinstance(entries, Entries) else None
@@ -317,6 +318,8 @@ class Plans:
         drops: dict[int, str] = {}
         done: dict[int, int] = {}
         for i, (record, root) in enumerate(entries):
+            if progress is not None:
+                progress.update()
             key = int(keys[i]) if keys is not None else None
             if key is not None and key in done:
                 values[:, i] = values[:, done[key]]
@@ -332,13 +335,6 @@ class Plans:
             if key is not None:
                 done[key] = i
         return cls(values[0], values[1], values[2], drops)
-
-    @classmethod
-    def from_planned(cls, planned: Sequence[Planned | None]) -> Plans:
-        """From `samples.plan_all`'s list (None: dropped; its reason is in plan_all's report)."""
-        values = np.array([(-1, 0, 0) if p is None else (p.length, p.tiles, p.supervised) for p in planned],
-                          dtype=np.int64).reshape(-1, 3)
-        return cls(values[:, 0].copy(), values[:, 1].copy(), values[:, 2].copy())
 
     def save(self, path: Path) -> str:
         """Write atomically; returns the file's sha256 (for the manifest)."""

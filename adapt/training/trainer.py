@@ -47,7 +47,7 @@ from adapt.config import available_cores
 from adapt.data.batching import Collator, pack_flat
 from adapt.data.mixing import Plans
 from adapt.data.records import Record
-from adapt.data.samples import SampleBuilder, SampleDropped, plan_all
+from adapt.data.samples import SampleBuilder, SampleDropped
 from adapt.data.templates import IGNORE_INDEX, Encoder
 from adapt.data.tiling import TilingPolicy, normalize
 from adapt.errors import AdaptError, Report, validation_error
@@ -666,12 +666,11 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
     dropped = Report(name="samples")
     if plans is None or len(plans.length) != len(entries):
         with console.phase("planning", total=len(entries), unit="sample", show=progress) as bar:
-            plans = Plans.from_planned(plan_all(builder, entries, dropped, progress=bar))
-    else:
-        for i in sorted(plans.drops):  # as plan_all reports them
-            record = entries[i][0]
-            dropped.skip(f"dropped: {plans.drops[i]}", path=record.get("meta", {}).get("source"), row=i,
-                         id=str(record.get("id")))
+            plans = Plans.compute(entries, builder.plan, progress=bar)
+    for i in sorted(plans.drops):
+        record = entries[i][0]
+        dropped.skip(f"dropped: {plans.drops[i]}", path=record.get("meta", {}).get("source"), row=i,
+                     id=str(record.get("id")))
     keep = np.flatnonzero(plans.length >= 0)
     if not len(keep):
         raise AdaptError("no usable training sample (every record was dropped)",
