@@ -16,7 +16,7 @@ from PIL import Image
 from adapt import api
 from adapt.config import RunConfig
 from adapt.data import arrow, mixing
-from adapt.data.mixing import Mixture, load_sources, mix
+from adapt.data.mixing import Mixture, by_record, load_sources, mix
 from adapt.data.samples import SampleBuilder, SampleDropped
 from adapt.data.splits import split_by_group
 from adapt.data.templates import Encoder
@@ -104,8 +104,8 @@ def test_mix_same_picks_from_arrow(tmp_path, mix_by):
     def words(record: dict, root: str) -> int:
         return len(record["conversations"][-1]["value"].split())
 
-    plain = mix(*sources(None), general_ratio=0.25, mix_by=mix_by, measure=words, seed=4)
-    cached = mix(*sources(tmp_path / "arrow"), general_ratio=0.25, mix_by=mix_by, measure=words, seed=4)
+    plain = mix(*sources(None), general_ratio=0.25, mix_by=mix_by, measure=by_record(words), seed=4)
+    cached = mix(*sources(tmp_path / "arrow"), general_ratio=0.25, mix_by=mix_by, measure=by_record(words), seed=4)
     assert len(cached.entries) == len(plain.entries) > 30 and cached.entries == plain.entries
     assert cached.manifest() == plain.manifest()
 

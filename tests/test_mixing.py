@@ -17,6 +17,7 @@ from adapt.data.mixing import (
     SavedEntries,
     SavedTable,
     Source,
+    by_record,
     content_key,
     load_source,
     load_sources,
@@ -88,7 +89,7 @@ def test_ratio_by_samples_is_the_closest_reachable(ratio):
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_ratio_by_tokens_is_within_one_sample(ratio):
     general = _general()
-    mixture = mix(_domain(), general, general_ratio=ratio, mix_by="tokens", measure=words, seed=2, upsample=True)
+    mixture = mix(_domain(), general, general_ratio=ratio, mix_by="tokens", measure=by_record(words), seed=2, upsample=True)
     domain_tokens, general_tokens = _kind_tokens(mixture)
     assert _kind_counts(mixture)[0] == 60
     ideal = ratio / (1 - ratio) * domain_tokens  # general tokens that give exactly `ratio`
@@ -119,7 +120,7 @@ def test_ratio_by_tokens_with_a_real_sample_builder(tiny_tokenizer):
 
 @pytest.mark.parametrize("mix_by", ["samples", "tokens"])
 def test_total_fixes_the_sample_count(mix_by):
-    mixture = mix(_domain(), _general(), general_ratio=0.25, mix_by=mix_by, measure=words, total=50, seed=3)
+    mixture = mix(_domain(), _general(), general_ratio=0.25, mix_by=mix_by, measure=by_record(words), total=50, seed=3)
     n_domain, n_general = _kind_counts(mixture)
     assert n_domain + n_general == 50
     if mix_by == "samples":
@@ -149,7 +150,7 @@ def test_general_weights_are_respected():
 @pytest.mark.parametrize("mix_by", ["samples", "tokens"])
 def test_seed_reproducible_and_different_seed_reorders(mix_by):
     def run(seed):
-        return mix(_domain(), _general(), general_ratio=0.5, mix_by=mix_by, measure=words, seed=seed, upsample=True)
+        return mix(_domain(), _general(), general_ratio=0.5, mix_by=mix_by, measure=by_record(words), seed=seed, upsample=True)
 
     first, again, other = run(7), run(7), run(8)
     assert [(r["id"], root) for r, root in first.entries] == [(r["id"], root) for r, root in again.entries]
@@ -183,7 +184,7 @@ def test_small_general_source_needs_explicit_upsampling():
 def test_by_tokens_also_refuses_without_upsampling():
     with pytest.raises(AdaptError, match="--upsample"):
         mix([_source("d", "domain", 40, words=(20, 30))], [_source("tiny", "general", 5)],
-            general_ratio=0.5, mix_by="tokens", measure=words)
+            general_ratio=0.5, mix_by="tokens", measure=by_record(words))
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1, 1.0, 1.5, math.nan, "0.25", True])
@@ -218,7 +219,7 @@ def test_other_misuse_rejected():
 
 def test_manifest_counts():
     domain, general = _domain(), _general()
-    mixture = mix(domain, general, general_ratio=0.25, seed=5, measure=words)
+    mixture = mix(domain, general, general_ratio=0.25, seed=5, measure=by_record(words))
     manifest = mixture.manifest()
     json.dumps(manifest)  # JSON-able
     n_general = round(0.25 / 0.75 * 60)
@@ -257,7 +258,7 @@ def test_manifest_plan_fills_tiles(tmp_path, tiny_tokenizer):
 
 def test_save_load_round_trip(tmp_path):
     mixture = mix(_domain(), [_source("tiny", "general", 7)], general_ratio=0.5, seed=6, upsample=True,
-                  measure=words)
+                  measure=by_record(words))
     mixture.save(tmp_path / "mix")
     loaded = Mixture.load(tmp_path / "mix")
     assert loaded.entries == mixture.entries

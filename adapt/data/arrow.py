@@ -474,9 +474,9 @@ def plan_rows(builder: SampleBuilder, rows: Rows, root: str, positions: np.ndarr
 
 
 class RowPlanner:
-    """Plans each (source, table row) a run needs exactly once: a `measure` for `mixing.mix` by tokens
-    (`by_row`), then the whole mixture's `Plans` (`plan_mixture`), batched and cached for Arrow-backed
-    sources, record by record for list-backed ones."""
+    """Plans each (source, table row) a run needs exactly once: as the `measure` of `mixing.mix` by
+    tokens (called per (source, row)), then the whole mixture's `Plans` (`plan_mixture`), batched and
+    cached for Arrow-backed sources, record by record for list-backed ones."""
 
     def __init__(self, builder: SampleBuilder, cache_dir: str | Path, num_proc: int = 1) -> None:
         self.builder, self.cache_dir, self.num_proc = builder, Path(cache_dir), num_proc
@@ -494,12 +494,8 @@ class RowPlanner:
         except SampleDropped as err:
             return -1, 0, 0, str(err)
 
-    def __call__(self, record: Record, root: str) -> int:
-        planned = self._plan_one(record, root)
-        return planned[2] if planned[0] >= 0 else 0
-
-    def by_row(self, source: Any, row: int) -> int:
-        """Supervised tokens of one row (0 when it would be dropped), as `mixing.supervised_tokens`."""
+    def __call__(self, source: Any, row: int) -> int:
+        """Supervised tokens of one row (0 when it would be dropped): a `mixing.Measure`."""
         key = (source.name, self._position(source, row))
         if key not in self.done:
             self.done[key] = self._plan_one(source.records[row], source.root)

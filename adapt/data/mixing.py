@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 KINDS = ("domain", "general")
 MIX_BY = ("samples", "tokens")
 MANIFEST_VERSION = 1
-Measure = Callable[[Record, str], int]
+Measure = Callable[["Source", int], int]  # supervised tokens of a source's row (0: it would be dropped)
 Plan = Callable[[Record, str], "Planned"]
 
 
@@ -619,7 +619,7 @@ def mix(domain: list[Source], general: list[Source], *, general_ratio: float, mi
 
     By samples: every domain record once (or `total` samples overall) and round(r/(1-r) * n_domain)
     general samples, split among general sources by weight. By tokens: general samples are added
-    until their share of supervised tokens (`measure(record, root)`) is as close to r as one sample
+    until their share of supervised tokens (`measure(source, row)`) is as close to r as one sample
     allows. A general source too small for its share is repeated only with `upsample=True`.
     The final order is a seeded shuffle; the same inputs and seed give the identical mixture.
     """
@@ -645,10 +645,8 @@ def mix(domain: list[Source], general: list[Source], *, general_ratio: float, mi
     def tokens(sources: list[Source], pick: tuple[int, int]) -> int:
         source, row = sources[pick[0]], pick[1]
         key = (source.name, row)
-        if key not in tokens_cache:  # a measure that plans by row (see `RowPlanner`) reads no record here
-            by_row = getattr(measure, "by_row", None)
-            tokens_cache[key] = int(by_row(source, row) if by_row is not None
-                                    else measure(source.records[row], source.root))  # type: ignore[misc]
+        if key not in tokens_cache:
+            tokens_cache[key] = int(measure(source, row))  # type: ignore[misc]
         return tokens_cache[key]
 
     domain_stream, general_stream = _Stream(domain, seed, "domain"), _Stream(general, seed, "general")
@@ -694,14 +692,23 @@ def mix(domain: list[Source], general: list[Source], *, general_ratio: float, mi
 
 
 def supervised_tokens(builder: SampleBuilder) -> Measure:
-    """A `measure` for `mix`: supervised tokens from `builder.plan` (0 for a record it would drop)."""
+    """A `measure` for `mix`: supervised tokens from `builder.plan` (0 for a record it would drop).
+    `arrow.RowPlanner` is the batched, cached one a run uses."""
     from adapt.data.samples import SampleDropped
 
-    def measure(record: Record, root: str) -> int:
+    def tokens(record: Record, root: str) -> int:
         try:
             return builder.plan(record, root).supervised
         except SampleDropped:
             return 0
+
+    return by_record(tokens)
+
+
+def by_record(count: Callable[[Record, str], int]) -> Measure:
+    """A `measure` from a count of one (record, image root)."""
+    def measure(source: Source, row: int) -> int:
+        return count(source.records[row], source.root)
 
     return measure
 
