@@ -99,14 +99,19 @@ def resolve_num_proc(num_proc: int | None) -> int:
     return num_proc if num_proc is not None else available_cores()
 
 
+# what every data worker (formatting, Arrow tables) imports: the server imports it once for all of them
+WORKER_PRELOAD = ["formatters.base", "adapt.data.arrow", "datasets", "pyarrow"]
+
+
 def process_context(preload: list[str]) -> BaseContext:
-    """Where the OS has it, forkserver: one server process imports the `preload` modules (and torch)
-    once, started now so that it does so while the caller keeps working, and forks every worker from
-    it; else spawn. Never plain fork: the parent may have torch and its threads loaded."""
+    """Where the OS has it, forkserver: one server process imports the `preload` modules (with
+    `WORKER_PRELOAD` and torch) once, started now so that it does so while the caller keeps working,
+    and forks every worker from it; else spawn. Never plain fork: the parent may have torch and its
+    threads loaded. The server is the process's first caller's: later preloads are not imported."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(preload)  # no effect once the server runs
+    context.set_forkserver_preload(list(dict.fromkeys(WORKER_PRELOAD + preload)))  # no effect once the server runs
     forkserver.ensure_running()
     return context
 
