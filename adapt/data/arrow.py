@@ -116,6 +116,7 @@ def _build(path: Path, root: str, folder: Path, num_proc: int) -> None:
     """The file's table as one Arrow stream file per byte range (written here or by `num_proc`
     worker processes), the folder renamed into place when all are written."""
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from adapt.fileio import atomic_dir
 
@@ -130,9 +131,16 @@ def _build(path: Path, root: str, folder: Path, num_proc: int) -> None:
         else:
             from adapt.config import process_context
 
-            with ProcessPoolExecutor(processes, mp_context=process_context([__name__])) as pool:
-                for future in [pool.submit(_write_shard, *job) for job in jobs]:
-                    future.result()
+            try:
+                with ProcessPoolExecutor(processes, mp_context=process_context([__name__])) as pool:
+                    for future in [pool.submit(_write_shard, *job) for job in jobs]:
+                        future.result()
+            except BrokenProcessPool:
+                from adapt.errors import AdaptError
+
+                raise AdaptError("a data worker process died (killed, or out of memory) while reading the file into "
+                                 "Arrow; nothing was kept", path=path,
+                                 hint="run again, with fewer processes (--num-proc) if memory is short") from None
 
 
 def read_table(annotation: str | Path, root: str, report: Report, *, cache_dir: str | Path,
