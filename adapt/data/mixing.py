@@ -252,7 +252,7 @@ class Entries(_LazyEntries):
         return {**record, "meta": {**record.get("meta", {}), "mix_source": source.name}}, source.root
 
     def tables(self) -> list[Any]:
-        """The Arrow tables the entries are read from (`arrow.release` drops their mapped pages)."""
+        """The Arrow tables the entries are read from (whose mapped pages `arrow.MappedPages` releases)."""
         return [s.records.table for s in self.sources if isinstance(s.records, Rows)]
 
     def keys(self) -> np.ndarray:
