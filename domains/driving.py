@@ -23,8 +23,7 @@ def demo(folder: Path, seed: int) -> tuple[list[DataSource], list[DataSource]]:
 
     # 24 short scenes: held-out questions come from whole scenes the model never saw (adapt.data.splits),
     # so the demo has to learn the cameras from the pixels, not recognise a scene
-    nuscenes = write_nuscenes(folder / "nuscenes", n_scenes=24, samples_per_scene=8, seed=seed, distractors=False,
-                              car_distance=(7.0, 10.0))
+    nuscenes = write_nuscenes(folder / "nuscenes", n_scenes=24, samples_per_scene=8, seed=seed, distractors=False)
     general = write_general_demo(folder / "general", n=96, seed=seed)
     return ([DataSource("driving", str(nuscenes), {"questions": "perception", "seed": seed}, name="nuscenes")],
             [DataSource("general", str(general), name="demo_general")])
@@ -44,8 +43,7 @@ DRIVING = Domain(
     # tiny model learns the camera question in a few minutes on two cores; real runs use 12 tiles.
     # 192 samples x 10 epochs; no system message: the official one is 155 tokens of the tiny tokenizer, a
     # third of each demo sequence on CPU, and means nothing to a random-init model (real runs keep it)
-    demo_train={**DEMO_TRAIN, "num_train_epochs": 10, "system": "none", "pack_tiles": 2, "pack_tokens": 1024,
-                "gradient_accumulation_steps": 3},
+    demo_train={**DEMO_TRAIN, "num_train_epochs": 10, "system": "none"},
     demo_eval={"holdout": 0.25, "general_holdout": 24, "max_new_tokens": 12, "batch_size": 8, "blind": True},
     examples=["adapt run --domain driving --general-ratio 0.25 --model /models/InternVL2-1B-hf "
               "--data 'driving=/data/nuscenes?version=v1.0-trainval&drivelm=/data/drivelm/v1_1_train_nus.json' "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,16 +203,14 @@ def _paint(image: np.ndarray, corners_uv: np.ndarray, colour: tuple[int, int, in
 def write_nuscenes(root: str | Path, *, n_scenes: int = 2, samples_per_scene: int = 6, seed: int = 0,
                    version: str = "v1.0-mini", drop_camera: str | None = None, corrupt_camera: str | None = None,
                    missing_camera_file: str | None = None, degenerate_box: bool = False,
-                   distractors: bool = True, car_distance: tuple[float, float] | None = None) -> Path:
+                   distractors: bool = True) -> Path:
     """Write the dataset under `root` and return `root`.
 
     Bad-input options, each hitting one fixed sample (numbered over the whole dataset, in order):
     `drop_camera` leaves that channel out of sample 0 (only five cameras); `corrupt_camera`
     truncates that channel's JPEG of sample 1; `missing_camera_file` deletes that channel's JPEG of
     sample 2; `degenerate_box` gives sample 3 an extra zero-size annotation in front of CAM_FRONT.
-    `distractors` adds a pedestrian and a truck, each in another camera than the car. `car_distance`
-    (metres, min and max) moves the car closer or farther than a parked car's 10-16 m: closer paints
-    it larger.
+    `distractors` adds a pedestrian and a truck, each in another camera than the car.
     """
     for name, channel in (("drop_camera", drop_camera), ("corrupt_camera", corrupt_camera),
                           ("missing_camera_file", missing_camera_file)):
@@ -224,7 +222,6 @@ def write_nuscenes(root: str | Path, *, n_scenes: int = 2, samples_per_scene: in
     token = _Tokens(seed)
     rng = random.Random(seed)
     background = _background(seed)
-    car = CAR if car_distance is None else replace(CAR, distance=car_distance)
 
     tables: dict[str, list[dict[str, Any]]] = {name: [] for name in (
         "category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
@@ -292,7 +289,7 @@ def write_nuscenes(root: str | Path, *, n_scenes: int = 2, samples_per_scene: in
             main_camera = camera_order.pop()
             others = [c for c in CAMERAS if c != main_camera]
             rng.shuffle(others)
-            placed = [(car, main_camera)]
+            placed = [(CAR, main_camera)]
             if distractors:
                 placed += [(PEDESTRIAN, others[0]), (TRUCK, others[1])]
             images = {channel: background.copy() for channel in CAMERAS}
