@@ -209,8 +209,8 @@ def _run_parallel(todo: list[tuple[RunConfig, Path, dict[str, Any], str]], share
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_sweep_worker,
                              initargs=(slots, threads)) as pool:
         futures = {}
-        for config, run_dir, row, status in todo:
-            _record(folder, index, run_dir.name, {**row, "status": "running", "run_dir": str(run_dir)})
+        for config, run_dir, row, status in todo:  # "queued": a worker takes it when one is free
+            _record(folder, index, run_dir.name, {**row, "status": "queued", "run_dir": str(run_dir)})
             futures[pool.submit(_run_one, config, run_dir, status, shared)] = (run_dir, row, status)
         pending = set(futures)
         try:
