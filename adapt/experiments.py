@@ -196,7 +196,7 @@ def _run_parallel(todo: list[tuple[RunConfig, Path, dict[str, Any], str]], share
     """The runs of `todo` in `parallel` worker processes (spawned: no fork of a process holding torch
     threads); each is recorded as it finishes. A failure stops the others and is raised."""
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     from adapt.config import available_cores
 
@@ -215,7 +215,7 @@ def _run_parallel(todo: list[tuple[RunConfig, Path, dict[str, Any], str]], share
         pending = set(futures)
         try:
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     run_dir, row, status = futures[future]
                     error = future.exception()
