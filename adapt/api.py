@@ -462,18 +462,19 @@ def _headlines(report: dict[str, Any]) -> dict[str, Any]:
 
 def sweep(ratios: Sequence[float], *, domain: str = "driving", runs_dir: str | Path = "runs", name: str | None = None,
           seeds: Sequence[int] = experiments.DEFAULT_SEEDS, shared_dir: str | Path | None = None, progress: bool = True,
-          **overrides: Any) -> list[dict[str, Any]]:
+          parallel: int = 1, **overrides: Any) -> list[dict[str, Any]]:
     """One run per general ratio and seed over the same formatted data (adapt.experiments.run_sweep);
     `overrides` are RunConfig fields (model, train, eval, data, domain_fraction, ...).
 
     The sweep folder is <runs_dir>/<name>: calling again with the same name reuses its finished runs
-    and resumes an interrupted one; without a name it is a new timestamped folder. Returns one flat
+    and resumes an interrupted one; without a name it is a new timestamped folder. `parallel` runs
+    that many at once (`experiments.run_sweep`). Returns one flat
     row per ratio x seed, ready for `pandas.DataFrame(rows)`; <sweep>/sweep.json indexes them.
     """
     folder = Path(runs_dir) / (name or agreed(f"sweep-{Path(domain).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
     base = RunConfig(domain=domain, **overrides)
     return experiments.run_sweep(folder, experiments.ratio_points(ratios), base=base, seeds=seeds,
-                                 shared_dir=shared_dir, progress=progress)
+                                 shared_dir=shared_dir, progress=progress, parallel=parallel)
 
 
 def best_ratio(rows: Sequence[dict[str, Any]], *, tolerance: float = 0.1) -> dict[str, Any]:

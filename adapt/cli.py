@@ -6,7 +6,7 @@
     adapt eval RUN_DIR [--model DIR] [--judge MODEL] [--out REPORT.json]
     adapt export RUN_DIR --out DIR
     adapt convert SRC DST
-    adapt sweep --domain driving --ratios 0 0.25 0.5 [--seeds 0 1 2] [--name NAME]   (or --fractions / --modes)
+    adapt sweep --domain driving --ratios 0 0.25 0.5 [--seeds 0 1 2] [--parallel N] [--name NAME]   (or --fractions / --modes)
     adapt dpo --model DIR (--pairs PAIRS.jsonl | --from-records DATA) --out DIR [--opt loss=mpo]
     adapt grpo --model DIR --data DATA --out DIR [--opt key=value]
 
@@ -161,7 +161,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          **({"model": args.model} if args.model else {}))
     stamp = f"sweep-{axis}-{Path(args.domain).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(args.runs_dir or "runs") / (args.name or api.agreed(stamp))
-    rows = experiments.run_sweep(folder, points, base=base, seeds=args.seeds, progress=not args.quiet)
+    rows = experiments.run_sweep(folder, points, base=base, seeds=args.seeds, progress=not args.quiet,
+                                 parallel=args.parallel)
     choice = experiments.best(rows, tolerance=args.tolerance)
     if api.is_main_process():
         print(json.dumps({"sweep": str(folder), "runs": rows, "summary": choice.summary, "best": choice.message},
@@ -311,6 +312,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each setting runs once per seed")
     sw.add_argument("--tolerance", type=float, default=0.1,
                     help="general answer loss within this share of the lowest keeps general skill")
+    sw.add_argument("--parallel", type=int, default=1,
+                    help="runs at once, each in its own process: one per GPU, or the CPU cores shared out (default 1)")
     sw.add_argument("--model")
     sw.add_argument("--runs-dir")
     sw.add_argument("--name", help="the sweep folder under --runs-dir; run again with the same name to reuse "

@@ -96,10 +96,15 @@ def point_config(base: RunConfig, point: Point, seed: int, folder: Path) -> RunC
 
 def run_sweep(folder: str | Path, points: Sequence[Point], *, base: RunConfig | None = None,
               seeds: Sequence[int] = DEFAULT_SEEDS, shared_dir: str | Path | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True, parallel: int = 1) -> list[dict[str, Any]]:
     """Run every point x seed (each a full `api.run` without export) into `folder`, reusing finished
     runs and resuming an interrupted one; the data is formatted once in `shared_dir` (default
     <folder>/shared), and the base model is evaluated once per seed (its held-out split).
+
+    `parallel` runs that many at once, each in its own process: on GPUs one per GPU (set
+    CUDA_VISIBLE_DEVICES per process), on CPU the cores shared out (a run's model then uses
+    cores/parallel threads: the small demo model trains about as fast on one thread as on two, so two
+    runs at once take about half the time of one after the other).
 
     Returns one row per point x seed: point, value, seed, the point's changes, status (trained,
     resumed, reused), steps, the scores of RunResult.scores() and run_dir; `<folder>/sweep.json`
@@ -110,6 +115,8 @@ def run_sweep(folder: str | Path, points: Sequence[Point], *, base: RunConfig | 
 
     if not points or not seeds:
         raise AdaptError("a sweep needs at least one point and one seed")
+    if parallel < 1:
+        raise AdaptError(f"parallel must be 1 or more (got {parallel})")
     labels = [point.label for point in points]
     if len(set(labels)) != len(labels) or len(set(seeds)) != len(seeds):
         raise AdaptError(f"sweep points and seeds must be distinct (points {labels}, seeds {list(seeds)})")
@@ -119,36 +126,109 @@ def run_sweep(folder: str | Path, points: Sequence[Point], *, base: RunConfig | 
     index = _read_index(folder)
     rows = []
     # seed-major: an interrupted sweep has whole curves (every point of the first seeds) to show
-    with tqdm(total=len(points) * len(seeds), desc="sweep runs", unit="run", disable=not progress) as bar:
-        for seed in seeds:
-            for point in points:
-                config = point_config(base, point, seed, folder)
-                run_dir = folder / str(config.name)
-                row = {"point": point.label, "value": point.value, "seed": seed, **_flat(point.changes)}
-                bar.set_postfix_str(f"{point.label} seed {seed}")
-                status = _state(run_dir, config)
-                if status == "reused":
-                    result = _finished(run_dir, index.get(run_dir.name, {}).get("steps"))
-                else:
-                    _record(folder, index, run_dir.name, {**row, "status": "running", "run_dir": str(run_dir)})
-                    try:
-                        if status == "resumed":
-                            result = api.run(resume=run_dir, shared_dir=shared, export=False, progress=False)
-                        else:
-                            result = api.run(config, shared_dir=shared, export=False, progress=False)
-                    except BaseException as err:  # noted in the index (Ctrl-C too), then raised as it was
-                        _record(folder, index, run_dir.name, {**row, "status": "interrupted"
-                                                              if isinstance(err, KeyboardInterrupt) else "failed",
-                                                              "error": str(err) or type(err).__name__,
-                                                              "run_dir": str(run_dir)})
-                        raise
-                row.update(status=status, steps=result.steps, **result.scores(), run_dir=str(run_dir))
-                _record(folder, index, run_dir.name, row)
-                rows.append(row)
-                bar.update()
+    jobs = []
+    for seed in seeds:
+        for point in points:
+            config = point_config(base, point, seed, folder)
+            run_dir = folder / str(config.name)
+            row = {"point": point.label, "value": point.value, "seed": seed, **_flat(point.changes)}
+            jobs.append((config, run_dir, row, _state(run_dir, config)))
+    with tqdm(total=len(jobs), desc="sweep runs", unit="run", disable=not progress) as bar:
+        def done(run_dir: Path, row: dict[str, Any], status: str, steps: int | None, scores: dict[str, Any]) -> None:
+            row.update(status=status, steps=steps, **scores, run_dir=str(run_dir))
+            _record(folder, index, run_dir.name, row)
+            rows.append(row)
+            bar.set_postfix_str(f"{row['point']} seed {row['seed']} {status}")
+            bar.update()
+
+        for _config, run_dir, row, status in jobs:
+            if status == "reused":
+                result = _finished(run_dir, index.get(run_dir.name, {}).get("steps"))
+                done(run_dir, row, status, result.steps, result.scores())
+        todo = [job for job in jobs if job[3] != "reused"]
+        if parallel > 1 and len(todo) > 1:
+            api.format_data(todo[0][0], shared)  # once, before the runs that share it start
+            _run_parallel(todo, shared, parallel, folder, index, done)
+        else:
+            for config, run_dir, row, status in todo:
+                _record(folder, index, run_dir.name, {**row, "status": "running", "run_dir": str(run_dir)})
+                try:
+                    steps, scores = _run_one(config, run_dir, status, shared)
+                except BaseException as err:  # noted in the index (Ctrl-C too), then raised as it was
+                    _record(folder, index, run_dir.name, _failed(row, run_dir, err))
+                    raise
+                done(run_dir, row, status, steps, scores)
     order = {label: i for i, label in enumerate(labels)}
     rows.sort(key=lambda row: (order[row["point"]], list(seeds).index(row["seed"])))
     return rows
+
+
+def _run_one(config: RunConfig, run_dir: Path, status: str, shared: Path) -> tuple[int | None, dict[str, Any]]:
+    """One run of a sweep (here or in a worker process): its steps and scores."""
+    from adapt import api
+
+    if status == "resumed":
+        result = api.run(resume=run_dir, shared_dir=shared, export=False, progress=False)
+    else:
+        result = api.run(config, shared_dir=shared, export=False, progress=False)
+    return result.steps, result.scores()
+
+
+def _failed(row: dict[str, Any], run_dir: Path, err: BaseException) -> dict[str, Any]:
+    return {**row, "status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+            "error": str(err) or type(err).__name__, "run_dir": str(run_dir)}
+
+
+def _start_sweep_worker(slots: Any, threads: int) -> None:
+    """Worker initializer: a GPU of its own (when there are enough), else its share of the cores."""
+    import os
+
+    import torch
+
+    slot = slots.get()
+    if torch.cuda.is_available() and torch.cuda.device_count() > slot:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot)
+    torch.set_num_threads(threads)
+
+
+def _run_parallel(todo: list[tuple[RunConfig, Path, dict[str, Any], str]], shared: Path, parallel: int,
+                  folder: Path, index: dict[str, dict[str, Any]], done: Any) -> None:
+    """The runs of `todo` in `parallel` worker processes (spawned: no fork of a process holding torch
+    threads); each is recorded as it finishes. A failure stops the others and is raised."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from adapt.config import available_cores
+
+    processes = min(parallel, len(todo))
+    context = multiprocessing.get_context("spawn")
+    slots = context.Queue()
+    for slot in range(processes):
+        slots.put(slot)
+    threads = max(1, available_cores() // processes)
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_sweep_worker,
+                             initargs=(slots, threads)) as pool:
+        futures = {}
+        for config, run_dir, row, status in todo:  # "queued": a worker takes it when one is free
+            _record(folder, index, run_dir.name, {**row, "status": "queued", "run_dir": str(run_dir)})
+            futures[pool.submit(_run_one, config, run_dir, status, shared)] = (run_dir, row, status)
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    run_dir, row, status = futures[future]
+                    error = future.exception()
+                    if error is not None:
+                        _record(folder, index, run_dir.name, _failed(row, run_dir, error))
+                        raise error
+                    done(run_dir, row, status, *future.result())
+        except BaseException:
+            for future in pending:  # not started yet: noted as interrupted; running ones finish first
+                if future.cancel():
+                    run_dir, row, _ = futures[future]
+                    _record(folder, index, run_dir.name, _failed(row, run_dir, KeyboardInterrupt()))
+            raise
 
 
 def _state(run_dir: Path, config: RunConfig) -> str:

@@ -162,3 +162,25 @@ def test_adapt_sweep_refuses_bad_options_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit):  # one setting per sweep
         main(["sweep", "--ratios", "0", "--modes", "full"])
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_parallel_runs_give_the_sequential_results(tmp_path):
+    """Two runs at once in worker processes: the same rows as one after the other (losses to float
+    rounding: a worker trains on its share of the cores), indexed, and reused by a later call."""
+    from adapt import api, experiments
+
+    base, points = api.RunConfig(train=TRAIN, eval=EVAL), experiments.ratio_points([0, 0.5])
+    sequential = experiments.run_sweep(tmp_path / "one", points, base=base, seeds=[0], progress=False,
+                                       shared_dir=tmp_path / "shared")
+    parallel = experiments.run_sweep(tmp_path / "two", points, base=base, seeds=[0], progress=False,
+                                     shared_dir=tmp_path / "shared", parallel=2)
+    assert [(row["point"], row["status"], row["steps"]) for row in parallel] == [("r0", "trained", 2), ("r0.5", "trained", 2)]
+    for one, two in zip(sequential, parallel):
+        assert one["domain_after"] == two["domain_after"]
+        assert one["general_loss_after"] == pytest.approx(two["general_loss_after"], rel=1e-3)
+    assert {run["status"] for run in json.loads((tmp_path / "two" / "sweep.json").read_text())["runs"]} == {"trained"}
+    again = experiments.run_sweep(tmp_path / "two", points, base=base, seeds=[0], progress=False,
+                                  shared_dir=tmp_path / "shared", parallel=2)
+    assert [row["status"] for row in again] == ["reused", "reused"]
+    with pytest.raises(AdaptError, match="parallel"):
+        experiments.run_sweep(tmp_path / "three", points, base=base, seeds=[0], parallel=0)

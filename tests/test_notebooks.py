@@ -141,7 +141,7 @@ def test_data_amount_sweeps_shares_of_the_domain_training_set(shared):
     root = shared["root"]
     folder = root / "runs" / "data_amount"
     fractions = [0.25, 1.0]
-    nb = execute("data_amount.ipynb", {"FRACTIONS": fractions, "SEEDS": [0], "SWEEP_DIR": str(folder),
+    nb = execute("data_amount.ipynb", {"FRACTIONS": fractions, "SEEDS": [0], "PARALLEL": 1, "SWEEP_DIR": str(folder),
                                        "SHARED_DIR": str(shared.get("data_dir", root / "data")), "TRAIN": TRAIN,
                                        "EVAL": EVAL}, root)
     rows = check_sweep(nb, folder, "domain_fraction", fractions, [0], "data_amount.png")
@@ -154,7 +154,7 @@ def test_tuning_mode_sweeps_full_partial_and_lora(shared):
     root = shared["root"]
     folder = root / "runs" / "tuning_mode"
     modes = ["partial:mlp", "lora"]
-    nb = execute("tuning_mode.ipynb", {"MODES": modes, "SEEDS": [0], "SWEEP_DIR": str(folder),
+    nb = execute("tuning_mode.ipynb", {"MODES": modes, "SEEDS": [0], "PARALLEL": 1, "SWEEP_DIR": str(folder),
                                        "SHARED_DIR": str(shared.get("data_dir", root / "data")), "TRAIN": TRAIN,
                                        "EVAL": EVAL}, root)
     rows = check_sweep(nb, folder, "value", modes, [0], "tuning_mode.png")
