@@ -7,7 +7,9 @@ holds an object, is there water, how many red buildings fill four slots), each s
 question types (the budget of a few thousand sample passes learns about three or four), and every
 question type is balanced over its answers, so a model that ignores the image scores the chance
 level the report prints (1/2 for yes/no and left/right, 1/3 for the DICOM classes, 1/4 for counts,
-scene classes and grid cells). Every image is a different file (seeded jitter and noise): the
+scene classes and grid cells). The grounding tiles are lit by a fixed gradient (`_lit`): the tiny
+model's vision tower starts with zero position embeddings, and a flat object looks the same in any
+cell until they are learned. Every image is a different file (seeded jitter and noise): the
 held-out split drops training images identical to a held-out one, and with a few distinct pictures
 that emptied whole answer classes from training. Unlike the fixtures in `medical.py` / `sources.py`
 (a few rows that exercise every formatter branch), these files are all valid and there are enough
@@ -151,6 +153,19 @@ def _textured(image: Image.Image, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
 
 
+def _lit(image: Image.Image) -> Image.Image:
+    """`image` under a fixed illumination: brighter towards the right, warmer towards the bottom.
+    The random-init demo model's vision tower starts with zero position embeddings, so without this
+    every patch of a flat object looks the same wherever it is; a pretrained InternViT knows where a
+    patch is. The light is the same in every tile, so it tells where a patch is, never the answer."""
+    pixels = np.asarray(image, dtype=np.float32)
+    height, width = pixels.shape[:2]
+    bright = 0.6 + 0.8 * np.linspace(0, 1, width)[None, :, None]
+    warm = 0.7 + 0.6 * np.linspace(0, 1, height)[:, None]
+    gain = bright * np.stack([warm, np.ones_like(warm), 2 - warm], axis=-1)
+    return Image.fromarray(np.clip(pixels * gain, 0, 255).astype(np.uint8))
+
+
 def grid_box(cell: int, size: int = TILE) -> Box:
     """The pixel box of an object filling grid cell `cell` (row-major) less a margin."""
     step, margin = size // GRID, size // (GRID * 8)
@@ -172,7 +187,7 @@ def write_dior_rsvg_grid(root: str | Path, per_cell: int = 12) -> Path:
     for i in range(per_cell * GRID * GRID):
         stem, cell, category = f"{i + 1:05d}", i % (GRID * GRID), categories[(i // (GRID * GRID)) % len(categories)]
         box = grid_box(cell)
-        _save(_textured(paint((TILE, TILE), [(OBJECTS[category], box)]), seed=4000 + i),
+        _save(_textured(_lit(paint((TILE, TILE), [(OBJECTS[category], box)])), seed=4000 + i),
               root / "JPEGImages" / f"{stem}.jpg")
         ann = ET.Element("annotation")
         ET.SubElement(ann, "filename").text = f"{stem}.jpg"
@@ -193,14 +208,16 @@ def write_dior_rsvg_grid(root: str | Path, per_cell: int = 12) -> Path:
     return root
 
 
-# Four building slots across the top half; water in the bottom half.
-BUILDING_SLOTS: tuple[Box, ...] = tuple((8 + 46 * k, 12, 8 + 46 * k + 34, 46) for k in range(4))
-WATER: Box = (8, 110, 120, 184)
+# Four building slots across the top half (tall blocks: the red area grows with the count); water in
+# the bottom half.
+BUILDING_SLOTS: tuple[Box, ...] = tuple((8 + 46 * k, 12, 8 + 46 * k + 34, 84) for k in range(4))
+WATER: Box = (8, 112, 184, 184)
 
 
 def write_rsvqa_demo(root: str | Path, n_images: int = 36) -> Path:
     """RSVQA-LR train split (`LR_split_train_{questions,answers,images}.json`, `Images_LR/<id>.tif`):
-    image i has water when i % 2 == 0 and i // 2 % 4 buildings (red squares in the first slots), and
+    image i has water (a blue band across the bottom) when i % 2 == 0 and i // 2 % 4 buildings (red
+    blocks in the first slots), and
     asks presence (yes/no) and count (0..3); all active. Buildings and water move by a few pixels from
     tile to tile. Returns root."""
     root = Path(root)
