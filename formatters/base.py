@@ -112,16 +112,15 @@ def run(formatter: Formatter, source: str | Path, out: str | Path, *, name: str 
         bar = shared if shared is not None else tqdm(desc=name, unit="rec", disable=not progress, leave=False)
         if shared is not None:
             shared.set_postfix_str(name, refresh=False)
+        ids = UniqueIds(report)
         try:
             if formatter.plan is not None and formatter.work is not None:
                 processes = resolve_num_proc(num_proc)
                 # workers start from a server that imports the formatter while this process plans
                 context = process_context([__name__, formatter.work.__module__]) if processes > 1 else None
                 made = formatter.plan(source, tmp, report, **options)
-                ids = UniqueIds(report)
                 _write_sharded(formatter.work, made, source, tmp, report, check_root, bar, processes, context, ids)
             else:
-                ids = UniqueIds(report)
                 records = _valid(formatter.generate(source, tmp, report, **options), report, check_root, source,
                                  bar.update)
                 rec.write_jsonl(tmp / "records.jsonl", ids.assign_all(records))
