@@ -267,3 +267,24 @@ def test_real_internvl_meta_reads_the_same_through_arrow(tmp_path, monkeypatch):
     plain, cached = read(None), read(tmp_path / "arrow")
     assert cached == plain
     assert len(plain[0][0][3]) == sum(1 for line in annotation.read_text().splitlines() if line.strip())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=30),
+                max_size=25), st.booleans(), st.integers(1, 64))
+def test_byte_ranges_cover_every_line_once_with_its_number(tmp_path_factory, lines, trailing, size):
+    """Any text file cut into `size`-byte ranges (parallel readers: formatters.general, Arrow tables):
+    read range by range, the lines are the file's lines, each once, in order, with its 1-based number
+    (blank lines, CR, multi-byte characters and lines longer than a range included)."""
+    from adapt.data.records import byte_ranges, numbered_lines
+
+    path = tmp_path_factory.mktemp("ranges") / "rows.jsonl"
+    data = "\n".join(lines) + ("\n" if trailing and lines else "")
+    path.write_bytes(data.encode("utf-8"))
+    spans = byte_ranges(path, size)
+    assert spans[0][0] == 0 and spans[-1][1] == len(data.encode("utf-8"))
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    with open(path, "rb") as handle:
+        expected = list(enumerate(handle, start=1))
+        got = [item for span in spans for item in numbered_lines(handle, span)]
+    assert got == expected

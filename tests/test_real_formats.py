@@ -164,3 +164,25 @@ def test_skip_rows_are_one_based_everywhere(tmp_path):
     image(rad / "images" / first["image_name"])
     report = run(formatters.get("vqa-rad"), rad, tmp_path / "rad-out", progress=False)
     assert [s.row for s in report.skips] == [2]
+
+
+def test_official_internvl_meta_formats_the_same_in_parallel(tmp_path, monkeypatch):
+    """InternVL's real meta file and annotation excerpt, its rows shared out one per worker process
+    (a 1-byte range, a worker per unit): the same files as one process writes."""
+    import dataclasses
+
+    from formatters import general
+
+    chat = _internvl_checkout(tmp_path)
+    monkeypatch.chdir(chat)
+    monkeypatch.setattr(general, "UNIT_BYTES", 1)
+    meta = chat / "shell" / "data" / "coco_caption.json"
+
+    def eager(*args, **kwargs):
+        return dataclasses.replace(general.GENERAL.plan(*args, **kwargs), min_per_process=1)
+
+    one = run(general.GENERAL, meta, tmp_path / "one", progress=False, num_proc=1)
+    two = run(dataclasses.replace(general.GENERAL, plan=eager), meta, tmp_path / "two", progress=False, num_proc=2)
+    assert two.timing["workers"] == 2 and one.written == two.written == 2
+    for name in ("records.jsonl", "meta.json", "report.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
