@@ -1,4 +1,4 @@
-"""Records as Arrow tables (HF `datasets`, memory-mapped), read once and cached by fingerprint.
+"""Records as Arrow tables (opened memory-mapped as HF `datasets`), read once and cached per file.
 
 A JSONL annotation (a formatted folder's records.jsonl, an InternVL meta entry's file, a bare JSONL)
 becomes a `datasets.Dataset` with one row per non-blank line:
