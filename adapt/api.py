@@ -46,6 +46,7 @@ from adapt.data.splits import split_by_group, take_fraction
 from adapt.errors import AdaptError, Report
 from adapt.evaluation import evaluator as evaluation
 from adapt.fileio import atomic_write_text
+from adapt.training.attention import TRAINING_ONLY
 from adapt.training.trainer import TrainConfig, make_builder, train
 from domains import DataSource, Domain
 from domains import get as get_domain
@@ -284,9 +285,9 @@ def prepare_data(config: RunConfig, domain: Domain, train_config: TrainConfig, e
 def load_model(config: RunConfig, train_config: TrainConfig) -> models.Loaded:
     name = config.model or DEMO_MODEL
     dtype = None if train_config.precision in ("auto", "fp32") else train_config.precision
-    # "auto" / "torch_varlen" are chosen per run by training.train (varlen kernels cannot generate): load with SDPA
+    # "auto" and the training-only kernels are chosen per run by training.train (no KV cache): load with SDPA
     attn = train_config.attn_implementation
-    attn = "sdpa" if attn in ("auto", "torch_varlen") else attn
+    attn = "sdpa" if attn == "auto" or attn in TRAINING_ONLY else attn
     return models.load(name, dtype=dtype, attn_implementation=attn, seed=config.seed,
                        load_in_4bit=train_config.mode == "lora" and train_config.qlora)
 

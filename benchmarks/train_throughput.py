@@ -15,7 +15,7 @@ samples to the longest of the row):
             and the model's own loss, SDPA attention (HF's default).
   fast      `adapt.training.trainer.train`: packed rows with varlen attention on a GPU (`attn_implementation:
             auto`: flash_attn's if installed, else PyTorch's built-in FlashAttention-2 varlen; SDPA
-            with a block-diagonal mask on CPU), uint8 tiles normalised on the device, logits only at
+            per sample on CPU), uint8 tiles normalised on the device, logits only at
             supervised positions, pinned memory + non-blocking copies, workers sized to the machine;
             gradient checkpointing per module (the same choice as the baseline's).
 `--ablate` adds fast-path rows with one optimisation switched off at a time (`-pack`, `logits=full`,

@@ -4,8 +4,9 @@ Supervised-only logits vs full logits, uint8 tiles normalised on the device vs f
 on the host, packed vs padded rows, gradient checkpointing per module vs none, and varlen attention:
 on CPU, adapt.training.attention.varlen_attention runs through HF's AttentionInterface with a reference kernel
 (per-sample SDPA) in place of the CUDA one, which checks what reaches the kernel (no mask, the packed
-row's sample boundaries in every layer) and the result; the real kernels (torch varlen, flash_attn)
-run only under `-m gpu` on a GPU.
+row's sample boundaries in every layer) and the result; the CPU kernel (sdpa_varlen) is checked against
+attention written out from its definition and against HF's masked SDPA; the real GPU kernels (torch
+varlen, flash_attn) run only under `-m gpu` on a GPU.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from adapt.data.templates import Encoder
 from adapt.data.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingPolicy, normalize
 from adapt.errors import AdaptError
 from adapt.training.attention import (
+    SDPA_VARLEN,
     TORCH_VARLEN,
     resolve_attn_implementation,
+    sdpa_segments,
     torch_varlen_available,
     varlen_attention,
 )
@@ -295,11 +298,57 @@ def test_train_uses_varlen_and_restores_the_model(root, tmp_path):
     assert loaded.model.config.text_config._attn_implementation == "sdpa"  # back as loaded, for generation
 
 
+def _attention_by_definition(q, k, v, lengths, causal, scale):
+    """softmax(q k^T * scale + mask) v over a (tokens, heads, dim) row, the mask allowing only pairs in
+    the same sample (and not later ones, if causal); key/value heads repeated for grouped queries."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = sample[:, None] == sample[None, :]
+    if causal:
+        allowed &= torch.ones(len(sample), len(sample), dtype=torch.bool).tril()
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", weights, v.double())
+
+
+@pytest.mark.parametrize("lengths", [[5, 1, 9, 3], [7, 7, 7], [12]])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_segments_is_attention_within_each_sample(lengths, causal):
+    """The CPU kernel against attention computed from its definition: packed samples of mixed and
+    equal lengths (the batched path), causal (LLM) and not (vision), grouped key/value heads."""
+    gen = torch.Generator().manual_seed(sum(lengths))
+    total, scale = sum(lengths), 0.3
+    q = torch.randn(total, 4, 8, generator=gen)
+    k, v = (torch.randn(total, 2, 8, generator=gen) for _ in range(2))
+    cu = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32)
+    out = sdpa_segments(q, k, v, cu, cu, max(lengths), max(lengths), scale=scale,
+                        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=True)
+    expected = _attention_by_definition(q, k, v, lengths, causal, scale)
+    assert out.shape == q.shape and torch.allclose(out.double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_sdpa_varlen_equals_masked_sdpa(pristine, tiny, samples, pack):
+    """The CPU training default on the tiny model: the loss and gradients of a packed row (and of a
+    padded batch) equal HF's SDPA with its mask."""
+    batch = Collator(tiny.tokenizer.pad_token_id, pack=pack)(samples)
+    loss_sdpa, grads_sdpa = _loss_and_grads(_fresh_model(pristine), batch)
+    model = _fresh_model(pristine)
+    model.set_attn_implementation(SDPA_VARLEN)
+    assert bool(varlen_kwargs(model, batch)) == pack  # boundaries for a packed row, the mask for padding
+    loss, grads = _loss_and_grads(model, batch)
+    assert abs(loss - loss_sdpa) <= 1e-5
+    # attention's gradient to the key bias is zero by the softmax's shift invariance: rounding only
+    _assert_same_grads({n: g for n, g in grads.items() if not n.endswith("k_proj.bias")},
+                       {n: g for n, g in grads_sdpa.items() if not n.endswith("k_proj.bias")}, tol=1e-5)
+
+
 def test_attention_choice_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: covered by the gpu tests")
     for precision_is_half in (True, False):
-        assert resolve_attn_implementation("auto", precision_is_half) == "sdpa"
+        assert resolve_attn_implementation("auto", precision_is_half) == SDPA_VARLEN
     assert resolve_attn_implementation("eager") == "eager"
 
 

@@ -114,7 +114,7 @@ class TrainConfig:
     jpeg_augment: bool = False
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
     gradient_checkpointing: bool | str = "none"  # none | llm | vision | all (true = all, false = none)
-    attn_implementation: str = "auto"  # auto (flash_attn or torch varlen on a GPU, else sdpa) | sdpa | eager | flash_attention_2 | torch_varlen
+    attn_implementation: str = "auto"  # auto (flash_attn or torch varlen on a GPU, sdpa_varlen on CPU) | sdpa | eager | flash_attention_2 | torch_varlen | sdpa_varlen
     logits: str = "supervised"  # supervised (logits only where a label is) | full (every position; to compare)
     normalize: str = "device"  # device (uint8 tiles, normalised there) | host (float in the worker; to compare)
     save_steps: Annotated[int, Field(ge=1)] = 500
@@ -452,7 +452,7 @@ class DivergenceError(AdaptError):
 
 def varlen_kwargs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Sample boundaries of a packed row (cu_seq_lens, max_length) for mask-free varlen attention
-    (flash_attention_2, torch_varlen), from the restarting position ids, once per step: left to HF,
+    (flash_attention_2, torch_varlen, sdpa_varlen), from the restarting position ids, once per step: left to HF,
     every layer would re-derive them and sync the device to do so. Empty for padded batches and for
     masked attention (SDPA, eager)."""
     config = getattr(model, "module", model).config  # DDP / FSDP / DeepSpeed keep the model in .module
@@ -747,7 +747,7 @@ def train(loaded: Loaded, entries: Sequence[tuple[Record, str]], config: TrainCo
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         torch.set_num_threads(threads)
-        if attn != loaded_attn:  # a training choice: torch_varlen cannot decode
+        if attn != loaded_attn:  # a training choice: the varlen kernels cannot decode
             loaded.model.set_attn_implementation(loaded_attn)
     final_dir = None
     if shards_parameters(trainer):
