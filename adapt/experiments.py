@@ -180,7 +180,9 @@ def _failed(row: dict[str, Any], run_dir: Path, err: BaseException) -> dict[str,
 
 
 def _start_sweep_worker(slots: Any, threads: int) -> None:
-    """Worker initializer: a GPU of its own (when there are enough), else its share of the cores."""
+    """Worker initializer: a GPU of its own (when there are enough), else its share of the cores,
+    pinned (CPU affinity), so the run's model threads and loader workers (sized from the cores it
+    may use) stay off the other runs' cores."""
     import os
 
     import torch
@@ -188,6 +190,9 @@ def _start_sweep_worker(slots: Any, threads: int) -> None:
     slot = slots.get()
     if torch.cuda.is_available() and torch.cuda.device_count() > slot:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot)
+    elif hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, cores[slot * threads:(slot + 1) * threads] or cores)
     torch.set_num_threads(threads)
 
 

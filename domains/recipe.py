@@ -39,7 +39,7 @@ MINI_INTERNVL_TRAIN = {"learning_rate": 1e-5, "lr_scheduler_type": "cosine", "wa
 # The CPU demos' training: one 448 tile per image (real runs use 12), a learning rate a random-init
 # tiny model learns from in a few hundred steps, small packs; what made the driving demo learn.
 DEMO_TRAIN = {"learning_rate": 3e-3, "warmup_steps": 0.05, "num_train_epochs": 20, "max_tiles": 1, "pack_tokens": 2048,
-              "pack_tiles": 8, "weight_decay": 0.0, "logging_steps": 20, "save_steps": 100, "dataloader_num_workers": 1}
+              "pack_tiles": 8, "weight_decay": 0.0, "logging_steps": 20, "save_steps": 100}
 DEFAULT_EVAL = {"holdout": 0.1, "general_holdout": 64, "max_new_tokens": 64, "batch_size": 4, "blind": False}
 
 

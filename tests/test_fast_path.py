@@ -413,6 +413,8 @@ def test_workers_default(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert resolve_workers(0, cuda=True, cpus=64) == 0 and resolve_workers(3, cuda=True, cpus=64) == 3
     assert resolve_workers(None, cuda=False, cpus=64) == 2
+    assert resolve_workers(None, cuda=False, cpus=2) == 1  # the other core is the model's
+    assert resolve_workers(None, cuda=False, cpus=1) == 0  # a run pinned to one core
     assert resolve_workers(None, cuda=True, cpus=64) == 8
     assert resolve_workers(None, cuda=True, cpus=6) == 6
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
