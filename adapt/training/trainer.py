@@ -7,7 +7,7 @@ DDP / FSDP / DeepSpeed, logging and checkpoint/resume; this module adds what it 
     the same order for the same seed, and the same batches after a resume;
   * uint8 tiles normalised on the device, logits computed only where a label is supervised
     (the vocabulary projection of 3k image tokens is the largest tensor of a step otherwise);
-  * varlen attention over packed rows on a GPU (`attn_implementation: auto`, see adapt.training.attention),
+  * per-sample (varlen) attention over packed rows (`attn_implementation: auto`, see adapt.training.attention),
     per-module gradient checkpointing, pinned non-blocking copies, workers sized to the machine
     (each switchable, so benchmarks/train_throughput.py can show what it buys);
   * the token / sample / square loss reduction normalised over the whole optimizer step;
